@@ -1,0 +1,301 @@
+package main
+
+import (
+	"database/sql"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func TestRegisterReturnsKeyAndStoresOnlyItsHash(t *testing.T) {
+	s := startServer(t)
+	key := s.register(t, "Alice")
+	if len(key) < 32 {
+		t.Fatalf("key %q shorter than 32 characters", key)
+	}
+	if other := s.register(t, "Bob"); other == key {
+		t.Fatal("two registrations got the same key")
+	}
+	db, err := sql.Open("sqlite", s.dbPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var hits int
+	if err := db.QueryRow(`SELECT COUNT(*) FROM users WHERE CAST(key_hash AS TEXT) LIKE ? OR username LIKE ?`,
+		"%"+key+"%", "%"+key+"%").Scan(&hits); err != nil {
+		t.Fatal(err)
+	}
+	if hits != 0 {
+		t.Fatal("the key itself is stored in the database")
+	}
+}
+
+func TestRegisterRejectsBadUsernames(t *testing.T) {
+	s := startServer(t)
+	for _, name := range []string{"", strings.Repeat("a", 33), "bob!", "bob\n", "bo b", " bob", "bö", "bob_1", "ｂｏｂ"} {
+		t.Run(fmt.Sprintf("%q", name), func(t *testing.T) {
+			s.request(t, "POST", "/api/register", fmt.Sprintf(`{"username":%q}`, name), nil).expect(t, 400)
+		})
+	}
+	s.register(t, strings.Repeat("Z", 32))
+	s.register(t, "7")
+}
+
+func TestRegisterNameTakenInAnyCase(t *testing.T) {
+	s := startServer(t)
+	s.register(t, "Bob")
+	for _, name := range []string{"Bob", "bob", "BOB", "bOb"} {
+		s.request(t, "POST", "/api/register", fmt.Sprintf(`{"username":%q}`, name), nil).expect(t, 409)
+	}
+}
+
+func TestMalformedBodiesAre422(t *testing.T) {
+	s := startServer(t)
+	bodies := []string{
+		``, `not json`, `[]`, `null`, `"bob"`, `{}`, `{"username":5}`, `{"username":null}`,
+		`{"username":["a"]}`, `{"username":"a","extra":1}`, `{"username":"a"} {}`, `{"username":"a"}x`,
+		`{"username":"a"`, `{"user":"a"}`,
+	}
+	for _, path := range []string{"/api/register", "/api/login"} {
+		for _, body := range bodies {
+			if path == "/api/login" {
+				body = strings.ReplaceAll(body, "username", "key")
+			}
+			t.Run(path+" "+body, func(t *testing.T) {
+				s.request(t, "POST", path, body, nil).expect(t, 422)
+			})
+		}
+	}
+}
+
+func TestOversizedBodyIs413(t *testing.T) {
+	s := startServer(t)
+	big := fmt.Sprintf(`{"username":"%s"}`, strings.Repeat("a", 5000))
+	s.request(t, "POST", "/api/register", big, nil).expect(t, 413)
+	s.request(t, "POST", "/api/login", strings.ReplaceAll(big, "username", "key"), nil).expect(t, 413)
+	// Whitespace counts too: the limit is on bytes, not on meaning.
+	s.request(t, "POST", "/api/register", `{"username":"ok"}`+strings.Repeat(" ", 4100), nil).expect(t, 413)
+}
+
+func TestLoginSetsSessionCookie(t *testing.T) {
+	s := startServer(t, "-session-ttl", "90s")
+	key := s.register(t, "Carol")
+	r := s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, key), nil).expect(t, 200)
+	if r.body["username"] != "Carol" {
+		t.Fatalf("login body %s", r.raw)
+	}
+	c := sessionCookieOf(t, r.header)
+	if len(c.Value) != 32 || strings.Trim(c.Value, tokenAlphabet) != "" {
+		t.Fatalf("session id %q is not 32 characters [A-Za-z0-9]", c.Value)
+	}
+	if !c.HttpOnly || c.Path != "/" || c.SameSite != http.SameSiteLaxMode || c.MaxAge != 90 || c.Secure {
+		t.Fatalf("cookie attributes wrong: %s", r.header.Get("Set-Cookie"))
+	}
+	if again := s.login(t, key); again.Value == c.Value {
+		t.Fatal("a second login reused the session id")
+	}
+	s.request(t, "POST", "/api/login", `{"key":"wrong"}`, nil).expect(t, 401)
+	s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, key[:len(key)-1]), nil).expect(t, 401)
+}
+
+func TestSecureCookieBehindTLSProxy(t *testing.T) {
+	s := startServer(t)
+	key := s.register(t, "Dan")
+	r := s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, key), nil, "X-Forwarded-Proto", "https").expect(t, 200)
+	if !sessionCookieOf(t, r.header).Secure {
+		t.Fatalf("cookie not Secure behind https proxy: %s", r.header.Get("Set-Cookie"))
+	}
+}
+
+func TestAuthenticatedRoutesNeedASession(t *testing.T) {
+	s := startServer(t)
+	s.register(t, "Erin")
+	bogus := &http.Cookie{Name: "session", Value: strings.Repeat("x", 32)}
+	for _, path := range []string{"/api/online", "/api/user/@me", "/api/user/Erin", "/api/messages"} {
+		s.request(t, "GET", path, "", nil).expect(t, 422)
+		s.request(t, "GET", path, "", bogus).expect(t, 401)
+	}
+}
+
+func TestUserLookups(t *testing.T) {
+	s := startServer(t)
+	cookie := s.user(t, "Frank")
+	s.register(t, "GraceHopper")
+	me := s.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 200)
+	if me.body["username"] != "Frank" || me.body["online"] != false {
+		t.Fatalf("@me: %s", me.raw)
+	}
+	other := s.request(t, "GET", "/api/user/gracehopper", "", cookie).expect(t, 200)
+	if other.body["username"] != "GraceHopper" || other.body["online"] != false {
+		t.Fatalf("user lookup: %s", other.raw)
+	}
+	s.request(t, "GET", "/api/user/nobody", "", cookie).expect(t, 404)
+
+	ws := s.connect(t, cookie)
+	defer ws.close()
+	me = s.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 200)
+	if me.body["online"] != true {
+		t.Fatalf("@me while connected: %s", me.raw)
+	}
+	if r := s.request(t, "GET", "/api/user/FRANK", "", cookie).expect(t, 200); r.body["online"] != true || r.body["username"] != "Frank" {
+		t.Fatalf("user lookup while connected: %s", r.raw)
+	}
+}
+
+func TestOnlineListsOpenSockets(t *testing.T) {
+	s := startServer(t)
+	a := s.user(t, "Zed")
+	b := s.user(t, "amy")
+	online := func() string {
+		r := s.request(t, "GET", "/api/online", "", a).expect(t, 200)
+		return fmt.Sprint(r.body["online_clients"])
+	}
+	if got := online(); got != "[]" {
+		t.Fatalf("online before any socket: %s", got)
+	}
+	wa := s.connect(t, a)
+	wb := s.connect(t, b)
+	wa.nextWhere(isEvent("join", "amy"))
+	if got := online(); got != "[Zed amy]" && got != "[amy Zed]" {
+		t.Fatalf("online with two sockets: %s", got)
+	}
+	wb.close()
+	wa.nextWhere(isEvent("leave", "amy"))
+	if got := online(); got != "[Zed]" {
+		t.Fatalf("online after amy left: %s", got)
+	}
+}
+
+func TestLogout(t *testing.T) {
+	s := startServer(t)
+	for _, method := range []string{"GET", "POST"} {
+		cookie := s.user(t, "Hal"+method)
+		r := s.request(t, method, "/api/logout", "", cookie).expect(t, 200)
+		if r.raw != "{}\n" {
+			t.Fatalf("logout body %q", r.raw)
+		}
+		if expired := sessionCookieOf(t, r.header); expired.MaxAge >= 0 || !strings.Contains(r.header.Get("Set-Cookie"), "Max-Age=0") {
+			t.Fatalf("logout does not expire the cookie: %s", r.header.Get("Set-Cookie"))
+		}
+		s.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 401)
+		s.request(t, method, "/api/logout", "", nil).expect(t, 200)
+	}
+}
+
+func TestLogoutClosesThatSessionsSocket(t *testing.T) {
+	s := startServer(t)
+	ivan := s.user(t, "Ivan")
+	judy := s.user(t, "Judy")
+	wi := s.connect(t, ivan)
+	wj := s.connect(t, judy)
+	wi.nextWhere(isEvent("join", "Judy"))
+	s.request(t, "GET", "/api/logout", "", judy).expect(t, 200)
+	if code := wj.expectClose(5 * time.Second); code != closeNormal {
+		t.Fatalf("logged-out socket closed with %d, want %d", code, closeNormal)
+	}
+	wi.nextWhere(isEvent("leave", "Judy"))
+	if r := s.request(t, "GET", "/api/online", "", ivan).expect(t, 200); fmt.Sprint(r.body["online_clients"]) != "[Ivan]" {
+		t.Fatalf("online after logout: %s", r.raw)
+	}
+}
+
+func TestWrongMethodIs405AndUnknownPathIs404(t *testing.T) {
+	s := startServer(t)
+	for _, c := range []struct{ method, path string }{
+		{"GET", "/api/register"}, {"GET", "/api/login"}, {"DELETE", "/api/logout"},
+		{"POST", "/api/online"}, {"PUT", "/api/user/@me"}, {"POST", "/api/user/bob"},
+		{"POST", "/healthz"}, {"POST", "/ws"}, {"DELETE", "/api/messages"},
+	} {
+		s.request(t, c.method, c.path, "", nil).expect(t, 405)
+	}
+	s.request(t, "GET", "/api/nothing", "", nil).expect(t, 404)
+}
+
+func TestHealthz(t *testing.T) {
+	s := startServer(t)
+	if r := s.request(t, "GET", "/healthz", "", nil).expect(t, 200); r.body["status"] != "ok" {
+		t.Fatalf("healthz: %s", r.raw)
+	}
+}
+
+func TestHealthzIs503WhenTheDatabaseIsGone(t *testing.T) {
+	cfg, err := parseConfig([]string{"-db", t.TempDir() + "/chat.db"}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := OpenStore(cfg.DB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store.Close()
+	rec := httptest.NewRecorder()
+	handleHealth(store, slog.New(slog.NewTextHandler(io.Discard, nil))).ServeHTTP(rec, httptest.NewRequest("GET", "/healthz", nil))
+	if rec.Code != 503 || !strings.Contains(rec.Body.String(), `"error"`) {
+		t.Fatalf("healthz on a closed database: %d %s", rec.Code, rec.Body.String())
+	}
+}
+
+func TestConcurrentRegistrationOfOneName(t *testing.T) {
+	s := startServer(t)
+	const n = 24
+	statuses := make(chan int, n)
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			name := "Race"
+			if i%2 == 1 {
+				name = "rACE"
+			}
+			statuses <- s.request(t, "POST", "/api/register", fmt.Sprintf(`{"username":%q}`, name), nil).status
+		}()
+	}
+	close(start)
+	wg.Wait()
+	close(statuses)
+	count := map[int]int{}
+	for st := range statuses {
+		count[st]++
+	}
+	if count[201] != 1 || count[409] != n-1 {
+		t.Fatalf("statuses %v, want one 201 and %d 409", count, n-1)
+	}
+}
+
+func TestSessionExpiresWhenIdle(t *testing.T) {
+	s := startServer(t, "-session-ttl", "2s")
+	idle := s.user(t, "Kim")
+	busy := s.user(t, "Lee")
+	// Activity slides the session: used every 500ms, it outlives the TTL.
+	for range 6 {
+		time.Sleep(500 * time.Millisecond)
+		s.request(t, "GET", "/api/user/@me", "", busy).expect(t, 200)
+	}
+	s.request(t, "GET", "/api/user/@me", "", idle).expect(t, 401)
+	s.request(t, "GET", "/api/online", "", idle).expect(t, 401)
+	ws, r := s.dialWS(t, idle, dialOpts{})
+	if ws != nil || r.status != 401 {
+		t.Fatalf("websocket with an expired session: %d", r.status)
+	}
+}
+
+func TestOpenSocketKeepsSessionAlive(t *testing.T) {
+	s := startServer(t, "-session-ttl", "1s")
+	cookie := s.user(t, "Mia")
+	ws := s.connect(t, cookie)
+	time.Sleep(2500 * time.Millisecond)
+	s.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 200)
+	ws.close()
+	time.Sleep(2500 * time.Millisecond)
+	s.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 401)
+}

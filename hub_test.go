@@ -1,0 +1,470 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+func TestWebSocketRefusalsBeforeUpgrade(t *testing.T) {
+	s := startServer(t, "-allowed-origins", "https://chat.example.org")
+	cookie := s.user(t, "Nora")
+	bogus := *cookie
+	bogus.Value = strings.Repeat("q", 32)
+	cases := []struct {
+		name   string
+		cookie *http.Cookie
+		opts   dialOpts
+		want   int
+	}{
+		{"no cookie", nil, dialOpts{}, 422},
+		{"unknown session", &bogus, dialOpts{}, 401},
+		{"foreign origin", cookie, dialOpts{headers: []string{"Origin", "https://evil.example"}}, 403},
+		{"same host other scheme", cookie, dialOpts{headers: []string{"Origin", "https://" + s.addr}}, 403},
+		{"null origin", cookie, dialOpts{headers: []string{"Origin", "null"}}, 403},
+		{"since not a number", cookie, dialOpts{query: "?since=abc"}, 400},
+		{"since negative", cookie, dialOpts{query: "?since=-1"}, 400},
+		{"since with sign", cookie, dialOpts{query: "?since=+1"}, 400},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			ws, r := s.dialWS(t, c.cookie, c.opts)
+			if ws != nil {
+				t.Fatal("upgraded, want refusal")
+			}
+			r.expect(t, c.want)
+			if ct := r.header.Get("Content-Type"); ct != "application/json" {
+				t.Fatalf("Content-Type %q", ct)
+			}
+		})
+	}
+	// Not an upgrade at all.
+	s.request(t, "GET", "/ws", "", cookie).expect(t, 400)
+
+	for _, origin := range []string{"http://" + s.addr, "HTTP://" + strings.ToUpper(s.addr), "https://chat.example.org"} {
+		ws := s.connect(t, cookie, dialOpts{headers: []string{"Origin", origin}})
+		ws.close()
+	}
+	// Behind a proxy the origin is the one the browser saw.
+	ws := s.connect(t, cookie, dialOpts{headers: []string{
+		"Origin", "https://chat.internal", "X-Forwarded-Host", "chat.internal", "X-Forwarded-Proto", "https"}})
+	ws.close()
+
+	first := s.connect(t, cookie)
+	if ws, r := s.dialWS(t, cookie, dialOpts{}); ws != nil || r.status != 409 {
+		t.Fatalf("second socket of one user: %d, want 409", r.status)
+	}
+	first.close()
+}
+
+func TestOnlyOneOfSimultaneousConnectsSucceeds(t *testing.T) {
+	s := startServer(t)
+	cookie := s.user(t, "Oscar")
+	const n = 8
+	var wg sync.WaitGroup
+	results := make(chan int, n)
+	start := make(chan struct{})
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			ws, r := s.dialWS(t, cookie, dialOpts{})
+			if ws != nil {
+				results <- 101
+				return
+			}
+			results <- r.status
+		}()
+	}
+	close(start)
+	wg.Wait()
+	close(results)
+	count := map[int]int{}
+	for st := range results {
+		count[st]++
+	}
+	if count[101] != 1 || count[409] != n-1 {
+		t.Fatalf("statuses %v, want one 101 and %d 409", count, n-1)
+	}
+}
+
+func TestChatDeliversToOthersAndAcksTheSender(t *testing.T) {
+	s := startServer(t)
+	alice := s.connect(t, s.user(t, "Alice"))
+	bob := s.connect(t, s.user(t, "Bob"))
+	if f := alice.next(); f["event"] != "join" || f["username"] != "Bob" {
+		t.Fatalf("alice got %v, want Bob's join", f)
+	}
+	alice.sendMessage("hello <b>bob</b> 👋")
+	ack := alice.next()
+	if ack["status"] != true || ack["id"] == nil {
+		t.Fatalf("ack %v", ack)
+	}
+	got := bob.next()
+	if got["message"] != "hello <b>bob</b> 👋" || got["author"] != "Alice" || got["id"] != ack["id"] || got["history"] != nil {
+		t.Fatalf("bob got %v", got)
+	}
+	if _, err := time.Parse(time.RFC3339, got["time"].(string)); err != nil {
+		t.Fatalf("time %v is not RFC 3339: %v", got["time"], err)
+	}
+	if !strings.HasSuffix(got["time"].(string), "Z") {
+		t.Fatalf("time %v is not UTC", got["time"])
+	}
+	bob.sendMessage("hi")
+	if f := bob.next(); f["status"] != true {
+		t.Fatalf("bob's ack %v", f)
+	}
+	// Alice's next frame is Bob's message: her own never came back.
+	if f := alice.next(); f["message"] != "hi" || f["author"] != "Bob" {
+		t.Fatalf("alice got %v", f)
+	}
+	bob.close()
+	if f := alice.next(); f["event"] != "leave" || f["username"] != "Bob" {
+		t.Fatalf("alice got %v, want Bob's leave", f)
+	}
+}
+
+func TestRefusedMessagesGetErrorAcksAndAreNotBroadcast(t *testing.T) {
+	s := startServer(t)
+	sender := s.connect(t, s.user(t, "Pat"))
+	watcher := s.connect(t, s.user(t, "Quinn"))
+	sender.nextWhere(isEvent("join", "Quinn"))
+	cases := []struct {
+		frame string
+		code  string
+	}{
+		{`not json`, "invalid_message"},
+		{`[]`, "invalid_message"},
+		{`"text"`, "invalid_message"},
+		{`null`, "invalid_message"},
+		{`{}`, "invalid_message"},
+		{`{"message":""}`, "invalid_message"},
+		{`{"message":5}`, "invalid_message"},
+		{`{"message":null}`, "invalid_message"},
+		{`{"message":"a","extra":true}`, "invalid_message"},
+		{`{"text":"a"}`, "invalid_message"},
+		{`{"message":"a"} {"message":"b"}`, "invalid_message"},
+		{fmt.Sprintf(`{"message":%q}`, strings.Repeat("é", 301)), "message_too_long"},
+		{fmt.Sprintf(`{"message":%q}`, strings.Repeat("x", 301)), "message_too_long"},
+	}
+	for _, c := range cases {
+		sender.sendText(c.frame)
+		if f := sender.next(); f["status"] != false || f["code"] != c.code {
+			t.Fatalf("frame %.40q: ack %v, want code %s", c.frame, f, c.code)
+		}
+	}
+	if err := sender.writeFrame(0x2, []byte(`{"message":"binary"}`)); err != nil {
+		t.Fatal(err)
+	}
+	if f := sender.next(); f["status"] != false || f["code"] != "invalid_message" {
+		t.Fatalf("binary frame: ack %v", f)
+	}
+	// 300 code points are fine however many bytes they take.
+	emoji := strings.Repeat("😀", 300)
+	sender.sendMessage(emoji)
+	if f := sender.next(); f["status"] != true {
+		t.Fatalf("300 emoji: ack %v", f)
+	}
+	if f := watcher.next(); f["message"] != emoji {
+		t.Fatalf("watcher's first message is %.60v, want the emoji: refused messages leaked", f)
+	}
+}
+
+func TestEveryReceiverSeesTheSameOrder(t *testing.T) {
+	s := startServer(t)
+	const senders, each = 3, 200
+	var senderConns []*wsConn
+	var receivers []*wsConn
+	for i := range senders {
+		senderConns = append(senderConns, s.connect(t, s.user(t, fmt.Sprintf("sender%d", i))))
+	}
+	for i := range 2 {
+		receivers = append(receivers, s.connect(t, s.user(t, fmt.Sprintf("receiver%d", i))))
+	}
+	// Each receiver must see the other's join first so it is in the room.
+	receivers[0].nextWhere(isEvent("join", "receiver1"))
+	var wg sync.WaitGroup
+	for i, ws := range senderConns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range each {
+				if err := ws.writeFrame(opText, mustJSON(map[string]string{"message": fmt.Sprintf("%d-%d", i, j)})); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+		// Drain acks and others' messages so senders never stall.
+		go func() {
+			for {
+				if _, _, err := ws.readFrame(30 * time.Second); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	var orders [2][]string
+	for r, ws := range receivers {
+		for len(orders[r]) < senders*each {
+			f := ws.next()
+			if isChat(f) {
+				orders[r] = append(orders[r], f["message"].(string))
+			}
+		}
+	}
+	for k := range orders[0] {
+		if orders[0][k] != orders[1][k] {
+			t.Fatalf("receivers differ at %d: %s vs %s", k, orders[0][k], orders[1][k])
+		}
+	}
+	// Each sender's own messages keep their order.
+	next := make([]int, senders)
+	for _, m := range orders[0] {
+		var i, j int
+		fmt.Sscanf(m, "%d-%d", &i, &j)
+		if j != next[i] {
+			t.Fatalf("sender %d: got message %d, want %d", i, j, next[i])
+		}
+		next[i]++
+	}
+}
+
+func TestBurstReachesEveryReadingClient(t *testing.T) {
+	s := startServer(t)
+	const n = 6000
+	sender := s.connect(t, s.user(t, "Burst"))
+	var readers []*wsConn
+	for i := range 3 {
+		readers = append(readers, s.connect(t, s.user(t, fmt.Sprintf("reader%d", i))))
+	}
+	sender.nextWhere(isEvent("join", "reader2"))
+	text := strings.Repeat("m", 300)
+	go func() {
+		for range n {
+			if err := sender.writeFrame(opText, mustJSON(map[string]string{"message": text})); err != nil {
+				return
+			}
+		}
+	}()
+	acks := make(chan int, 1)
+	go func() {
+		count := 0
+		for count < n {
+			op, p, err := sender.readFrame(30 * time.Second)
+			if err != nil {
+				break
+			}
+			if op == opText && strings.Contains(string(p), `"status":true`) {
+				count++
+			}
+		}
+		acks <- count
+	}()
+	var wg sync.WaitGroup
+	for _, r := range readers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			got, lastID := 0, 0.0
+			for got < n {
+				op, p, err := r.readFrame(30 * time.Second)
+				if err != nil {
+					t.Errorf("reader stopped after %d of %d messages: %v", got, n, err)
+					return
+				}
+				if op != opText || !strings.Contains(string(p), `"message"`) {
+					continue
+				}
+				f := map[string]any{}
+				if err := json.Unmarshal(p, &f); err != nil || f["message"] != text {
+					t.Errorf("bad frame %q", p)
+					return
+				}
+				if id := f["id"].(float64); id <= lastID {
+					t.Errorf("id %v after %v", id, lastID)
+				} else {
+					lastID = id
+				}
+				got++
+			}
+		}()
+	}
+	wg.Wait()
+	if got := <-acks; got != n {
+		t.Fatalf("sender got %d acks, want %d", got, n)
+	}
+}
+
+func TestStalledReaderDoesNotDelayOthersAndIsDropped(t *testing.T) {
+	s := startServer(t)
+	stalled := s.connect(t, s.user(t, "Stalled"), dialOpts{readBuf: 4096})
+	reader := s.connect(t, s.user(t, "Reader"))
+	sender := s.connect(t, s.user(t, "Sender"))
+	reader.nextWhere(isEvent("join", "Sender"))
+	go func() {
+		for {
+			if _, _, err := sender.readFrame(time.Minute); err != nil {
+				return
+			}
+		}
+	}()
+	text := strings.Repeat("s", 300)
+	const n = 4000 // about 1.5 MB: far more than the socket buffers hold
+	go func() {
+		for range n {
+			if sender.writeFrame(opText, mustJSON(map[string]string{"message": text})) != nil {
+				return
+			}
+		}
+	}()
+	left := make(chan struct{})
+	all := make(chan int, 1)
+	go func() {
+		got, sawLeave := 0, false
+		for got < n || !sawLeave {
+			op, p, err := reader.readFrame(30 * time.Second)
+			if err != nil {
+				break
+			}
+			switch {
+			case op == opText && strings.Contains(string(p), `"message"`):
+				got++
+			case op == opText && strings.Contains(string(p), `"leave"`) && strings.Contains(string(p), `"Stalled"`):
+				sawLeave = true
+				close(left)
+			}
+		}
+		all <- got
+	}()
+	select {
+	case <-left:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no leave event for the stalled client")
+	}
+	// The stalled client, reading at last, finds the messages that fitted
+	// in the buffers and then the close frame.
+	if code := stalled.expectClose(20 * time.Second); code != closePolicyViolation {
+		t.Fatalf("stalled client closed with %d, want %d", code, closePolicyViolation)
+	}
+	if got := <-all; got != n {
+		t.Fatalf("reader got %d of %d messages", got, n)
+	}
+	r := s.request(t, "GET", "/api/online", "", s.login(t, s.register(t, "Observer")))
+	if fmt.Sprint(r.body["online_clients"]) != "[Reader Sender]" {
+		t.Fatalf("online after the drop: %s", r.raw)
+	}
+}
+
+func TestCloseThenReconnectAtOnce(t *testing.T) {
+	s := startServer(t)
+	cookie := s.user(t, "Rita")
+	for range 30 {
+		ws := s.connect(t, cookie)
+		ws.close()
+	}
+}
+
+func TestOversizedFrameClosesWith1009(t *testing.T) {
+	s := startServer(t)
+	cookie := s.user(t, "Sam")
+	big := s.connect(t, cookie)
+	other := s.connect(t, s.user(t, "Tess"))
+	// Exactly 64 KiB is allowed (and refused as a message, being too long).
+	big.sendText(fmt.Sprintf(`{"message":%q}`, strings.Repeat("a", maxFrameBytes-14)))
+	if f := big.nextWhere(func(f map[string]any) bool { _, ok := f["status"]; return ok }); f["code"] != "message_too_long" {
+		t.Fatalf("64 KiB frame: %v", f)
+	}
+	go big.writeFrame(opText, []byte(strings.Repeat("a", maxFrameBytes+1)))
+	if code := big.expectClose(10 * time.Second); code != closeTooBig {
+		t.Fatalf("close code %d, want %d", code, closeTooBig)
+	}
+	other.nextWhere(isEvent("leave", "Sam"))
+	s.request(t, "GET", "/healthz", "", nil).expect(t, 200)
+	again := s.connect(t, cookie)
+	again.sendMessage("still here")
+	if f := other.nextWhere(isChat); f["message"] != "still here" {
+		t.Fatalf("after reconnect: %v", f)
+	}
+}
+
+func TestShutdownClosesSocketsWithGoingAway(t *testing.T) {
+	s := startServer(t)
+	a := s.connect(t, s.user(t, "Uma"))
+	b := s.connect(t, s.user(t, "Vic"))
+	a.nextWhere(isEvent("join", "Vic"))
+	codes := make(chan int, 2)
+	for _, ws := range []*wsConn{a, b} {
+		go func() { codes <- ws.expectClose(10 * time.Second) }()
+	}
+	if err := s.stop(); err != nil {
+		t.Fatalf("serve returned %v", err)
+	}
+	for range 2 {
+		if code := <-codes; code != closeGoingAway {
+			t.Fatalf("close code %d, want %d", code, closeGoingAway)
+		}
+	}
+	if _, err := net.DialTimeout("tcp", s.addr, time.Second); err == nil {
+		t.Fatal("still accepting connections after shutdown")
+	}
+}
+
+func TestPingsAreSentAndSilentPeersDropped(t *testing.T) {
+	s := startServer(t, "-ping-interval", "300ms")
+	watcher := s.connect(t, s.user(t, "Watcher"))
+	silent := s.connect(t, s.user(t, "Silent"))
+	watcher.nextWhere(isEvent("join", "Silent"))
+	op, _, err := silent.readFrame(5 * time.Second)
+	if err != nil || op != opPing {
+		t.Fatalf("first frame op %d err %v, want a ping", op, err)
+	}
+	// Silent never answers: it is announced as gone within two intervals
+	// or so, while the watcher, answering pings in next(), stays.
+	start := time.Now()
+	watcher.nextWhere(isEvent("leave", "Silent"))
+	if waited := time.Since(start); waited > 5*time.Second {
+		t.Fatalf("silent peer noticed after %v", waited)
+	}
+	watcher.sendMessage("still connected")
+	if f := watcher.nextWhere(func(f map[string]any) bool { _, ok := f["status"]; return ok }); f["status"] != true {
+		t.Fatalf("watcher after the drop: %v", f)
+	}
+}
+
+func TestLibraryClientInteroperates(t *testing.T) {
+	s := startServer(t)
+	cookie := s.user(t, "Lib")
+	peer := s.connect(t, s.user(t, "Peer"))
+	cfg, err := websocket.NewConfig("ws://"+s.addr+"/ws", "http://"+s.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Header.Set("Cookie", cookie.Name+"="+cookie.Value)
+	ws, err := websocket.DialConfig(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	peer.nextWhere(isEvent("join", "Lib"))
+	if err := websocket.JSON.Send(ws, map[string]string{"message": "via x/net"}); err != nil {
+		t.Fatal(err)
+	}
+	var ack map[string]any
+	ws.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if err := websocket.JSON.Receive(ws, &ack); err != nil || ack["status"] != true {
+		t.Fatalf("ack %v, err %v", ack, err)
+	}
+	if f := peer.nextWhere(isChat); f["message"] != "via x/net" || f["author"] != "Lib" {
+		t.Fatalf("peer got %v", f)
+	}
+}

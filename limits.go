@@ -1,0 +1,134 @@
+// Abuse limits: token buckets keyed by user or client IP, and finding the
+// client IP behind a trusted proxy. Its own file because both the HTTP API
+// and the WebSocket reader use it and it belongs to neither.
+
+package main
+
+import (
+	"context"
+	"math"
+	"net"
+	"net/http"
+	"net/netip"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// rateLimiter holds one token bucket per key: burst tokens at most,
+// refilled at rate per second. A rate of 0 turns it off.
+type rateLimiter struct {
+	rate  float64
+	burst float64
+
+	mu      sync.Mutex
+	buckets map[string]*bucket
+}
+
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+func newRateLimiter(rate float64, burst int) *rateLimiter {
+	return &rateLimiter{rate: rate, burst: float64(max(burst, 1)), buckets: make(map[string]*bucket)}
+}
+
+// Allow takes a token for key. When there is none it reports false and how
+// long until there will be one.
+func (l *rateLimiter) Allow(key string) (bool, time.Duration) {
+	if l.rate <= 0 {
+		return true, 0
+	}
+	now := time.Now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	b := l.buckets[key]
+	if b == nil {
+		b = &bucket{tokens: l.burst, last: now}
+		l.buckets[key] = b
+	}
+	b.tokens = math.Min(l.burst, b.tokens+now.Sub(b.last).Seconds()*l.rate)
+	b.last = now
+	if b.tokens < 1 {
+		return false, time.Duration((1 - b.tokens) / l.rate * float64(time.Second))
+	}
+	b.tokens--
+	return true, 0
+}
+
+// RunCleanup forgets, every interval, the buckets that have refilled: they
+// are the same as no bucket at all.
+func (l *rateLimiter) RunCleanup(ctx context.Context, interval time.Duration) {
+	if l.rate <= 0 {
+		return
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			l.mu.Lock()
+			for key, b := range l.buckets {
+				if b.tokens+now.Sub(b.last).Seconds()*l.rate >= l.burst {
+					delete(l.buckets, key)
+				}
+			}
+			l.mu.Unlock()
+		}
+	}
+}
+
+// limitAuth answers 429 with Retry-After when the client IP has used up
+// its registrations and logins.
+func limitAuth(d deps, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ok, wait := d.authRate.Allow(clientIP(r, d.cfg.TrustedProxies))
+		if !ok {
+			w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
+			writeError(w, http.StatusTooManyRequests, "too many requests, slow down")
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// clientIP is the TCP peer, or the last hop of X-Forwarded-For when the
+// peer is a trusted proxy: that hop is the one the proxy itself saw, and
+// everything before it is the client's word.
+func clientIP(r *http.Request, trusted []netip.Prefix) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		host = r.RemoteAddr
+	}
+	peer, err := netip.ParseAddr(host)
+	if err != nil {
+		return host
+	}
+	peer = peer.Unmap()
+	if !inPrefixes(peer, trusted) {
+		return peer.String()
+	}
+	hops := r.Header.Values("X-Forwarded-For")
+	if len(hops) == 0 {
+		return peer.String()
+	}
+	parts := strings.Split(hops[len(hops)-1], ",")
+	last, err := netip.ParseAddr(strings.TrimSpace(parts[len(parts)-1]))
+	if err != nil {
+		return peer.String()
+	}
+	return last.Unmap().String()
+}
+
+func inPrefixes(addr netip.Addr, prefixes []netip.Prefix) bool {
+	for _, p := range prefixes {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,284 @@
+// Command gochat is a small real-time chat server: register a name, log in
+// with the secret key, and talk in one room over a WebSocket.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "gochat:", err)
+		os.Exit(1)
+	}
+}
+
+// config is everything the command line sets.
+type config struct {
+	Addr           string
+	DB             string
+	SessionTTL     time.Duration
+	TLSCert        string
+	TLSKey         string
+	AllowedOrigins map[string]bool
+	PingInterval   time.Duration
+
+	MsgRate        float64
+	MsgBurst       int
+	AuthRate       float64
+	AuthBurst      int
+	TrustedProxies []netip.Prefix
+	MaxConns       int
+
+	History     int
+	ReplayMax   int
+	HistoryKeep time.Duration
+}
+
+// parseConfig reads the flags. Usage goes to out.
+func parseConfig(args []string, out io.Writer) (config, error) {
+	var cfg config
+	fs := flag.NewFlagSet("gochat", flag.ContinueOnError)
+	fs.SetOutput(out)
+	fs.StringVar(&cfg.Addr, "addr", "0.0.0.0:7777", "listen address")
+	fs.StringVar(&cfg.DB, "db", "chat.db", "SQLite database file (created if missing)")
+	fs.DurationVar(&cfg.SessionTTL, "session-ttl", time.Hour, "idle session lifetime")
+	fs.StringVar(&cfg.TLSCert, "tls-cert", "", "TLS certificate file (with -tls-key: serve HTTPS and WSS)")
+	fs.StringVar(&cfg.TLSKey, "tls-key", "", "TLS private key file")
+	origins := fs.String("allowed-origins", "", "comma-separated extra origins allowed to open the WebSocket")
+	fs.DurationVar(&cfg.PingInterval, "ping-interval", 30*time.Second, "how often sockets are pinged; one silent for twice this is dropped")
+	fs.Float64Var(&cfg.MsgRate, "msg-rate", 5, "chat messages per second per user, refill rate (0: no limit)")
+	fs.IntVar(&cfg.MsgBurst, "msg-burst", 10, "chat messages a user may send at once")
+	fs.Float64Var(&cfg.AuthRate, "auth-rate", 1, "registrations and logins per second per client IP, refill rate (0: no limit)")
+	fs.IntVar(&cfg.AuthBurst, "auth-burst", 10, "registrations and logins a client IP may make at once")
+	proxies := fs.String("trusted-proxies", "127.0.0.0/8,::1/128", "comma-separated proxy addresses or CIDRs whose X-Forwarded-For is believed")
+	fs.IntVar(&cfg.MaxConns, "max-conns", 10000, "most simultaneous WebSockets")
+	fs.IntVar(&cfg.History, "history", 50, "stored messages sent on connect (0: none)")
+	fs.IntVar(&cfg.ReplayMax, "replay-max", 1000, "most messages replayed on reconnect with ?since=")
+	fs.DurationVar(&cfg.HistoryKeep, "history-keep", 720*time.Hour, "how long messages are kept")
+	if err := fs.Parse(args); err != nil {
+		return cfg, err
+	}
+	if fs.NArg() > 0 {
+		return cfg, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	}
+	var err error
+	if cfg.AllowedOrigins, err = parseOrigins(*origins); err != nil {
+		return cfg, err
+	}
+	if cfg.TrustedProxies, err = parsePrefixes(*proxies); err != nil {
+		return cfg, err
+	}
+	return cfg, cfg.validate()
+}
+
+func (cfg config) validate() error {
+	switch {
+	case cfg.SessionTTL <= 0:
+		return errors.New("-session-ttl must be positive")
+	case (cfg.TLSCert == "") != (cfg.TLSKey == ""):
+		return errors.New("-tls-cert and -tls-key go together")
+	case cfg.PingInterval <= 0:
+		return errors.New("-ping-interval must be positive")
+	case cfg.MsgRate < 0 || cfg.AuthRate < 0:
+		return errors.New("rates must not be negative")
+	case cfg.MaxConns < 1:
+		return errors.New("-max-conns must be at least 1")
+	case cfg.History < 0 || cfg.ReplayMax < 0:
+		return errors.New("-history and -replay-max must not be negative")
+	case cfg.HistoryKeep <= 0:
+		return errors.New("-history-keep must be positive")
+	}
+	return nil
+}
+
+func parseOrigins(list string) (map[string]bool, error) {
+	origins := make(map[string]bool)
+	for _, o := range splitList(list) {
+		n := normalizeOrigin(o)
+		if n == "" {
+			return nil, fmt.Errorf("-allowed-origins: %q is not an origin like https://example.com", o)
+		}
+		origins[n] = true
+	}
+	return origins, nil
+}
+
+func parsePrefixes(list string) ([]netip.Prefix, error) {
+	var prefixes []netip.Prefix
+	for _, s := range splitList(list) {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			addr, aerr := netip.ParseAddr(s)
+			if aerr != nil {
+				return nil, fmt.Errorf("-trusted-proxies: %q is not an address or CIDR", s)
+			}
+			p = netip.PrefixFrom(addr, addr.BitLen())
+		}
+		prefixes = append(prefixes, p.Masked())
+	}
+	return prefixes, nil
+}
+
+func splitList(list string) []string {
+	var out []string
+	for _, s := range strings.Split(list, ",") {
+		if s = strings.TrimSpace(s); s != "" {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+// run parses args, listens and serves until ctx is done.
+func run(ctx context.Context, args []string, stdout io.Writer) error {
+	cfg, err := parseConfig(args, stdout)
+	if errors.Is(err, flag.ErrHelp) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Addr)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	return serve(ctx, cfg, ln, slog.New(slog.NewTextHandler(stdout, nil)))
+}
+
+// serve runs the server on ln until ctx is done, then shuts down: no new
+// connections, every WebSocket closed with 1001, in-flight requests
+// finished, database closed.
+func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) error {
+	defer ln.Close()
+	var tlsConfig *tls.Config
+	if cfg.TLSCert != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+		if err != nil {
+			return fmt.Errorf("load TLS key pair: %w", err)
+		}
+		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	store, err := OpenStore(cfg.DB)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	hub, err := startHub(cfg, store, log)
+	if err != nil {
+		return err
+	}
+
+	bg, stopBackground := context.WithCancel(context.Background())
+	defer stopBackground()
+	d := deps{
+		cfg:      cfg,
+		log:      log,
+		store:    store,
+		sessions: NewSessions(cfg.SessionTTL),
+		hub:      hub,
+		authRate: newRateLimiter(cfg.AuthRate, cfg.AuthBurst),
+		msgRate:  newRateLimiter(cfg.MsgRate, cfg.MsgBurst),
+	}
+	go d.sessions.RunCleanup(bg, min(cfg.SessionTTL, time.Minute))
+	go d.authRate.RunCleanup(bg, time.Minute)
+	go d.msgRate.RunCleanup(bg, time.Minute)
+	go runRetention(bg, store, hub, cfg.HistoryKeep, log)
+
+	srv := &http.Server{
+		Handler:           routes(d),
+		TLSConfig:         tlsConfig,
+		ReadHeaderTimeout: 5 * time.Second,
+		ReadTimeout:       15 * time.Second,
+		WriteTimeout:      15 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	served := make(chan error, 1)
+	go func() {
+		if tlsConfig != nil {
+			served <- srv.ServeTLS(ln, "", "")
+		} else {
+			served <- srv.Serve(ln)
+		}
+	}()
+	log.Info("gochat listening", "addr", ln.Addr().String(), "db", cfg.DB, "session_ttl", cfg.SessionTTL, "tls", tlsConfig != nil)
+
+	select {
+	case err := <-served:
+		hub.Shutdown(context.Background(), closeGoingAway)
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 8*time.Second)
+	defer cancel()
+	shutdown := make(chan error, 1)
+	go func() { shutdown <- srv.Shutdown(shutdownCtx) }()
+	hub.Shutdown(shutdownCtx, closeGoingAway)
+	if err := <-shutdown; err != nil {
+		log.Warn("requests still running at shutdown", "err", err)
+	}
+	stopBackground()
+	if err := store.Close(); err != nil {
+		return fmt.Errorf("close db: %w", err)
+	}
+	log.Info("stopped")
+	return nil
+}
+
+// startHub starts the hub with the stored messages it may replay.
+func startHub(cfg config, store *Store, log *slog.Logger) (*Hub, error) {
+	hcfg := HubConfig{MaxConns: cfg.MaxConns, History: cfg.History, ReplayMax: cfg.ReplayMax, PingInterval: cfg.PingInterval}
+	ctx := context.Background()
+	recent, err := store.Messages(ctx, 0, max(cfg.History, cfg.ReplayMax))
+	if err != nil {
+		return nil, err
+	}
+	lastID, err := store.LastMessageID(ctx)
+	if err != nil {
+		return nil, err
+	}
+	hub := NewHub(hcfg, recent, lastID, log)
+	go hub.Run()
+	return hub, nil
+}
+
+// runRetention deletes messages older than keep, waking every keep/10 but
+// at least once a minute.
+func runRetention(ctx context.Context, store *Store, hub *Hub, keep time.Duration, log *slog.Logger) {
+	t := time.NewTicker(max(min(keep/10, time.Minute), time.Millisecond))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case now := <-t.C:
+			n, maxID, err := store.DeleteMessagesBefore(ctx, now.Add(-keep), 500)
+			if err != nil && ctx.Err() == nil {
+				log.Error("retention", "err", err)
+			}
+			if n > 0 {
+				hub.Forget(maxID)
+				log.Info("retention deleted old messages", "count", n)
+			}
+		}
+	}
+}
