@@ -557,3 +557,6 @@ func TestBadFlagsAndFilesFailClearly(t *testing.T) {
 		t.Fatalf("database in a missing directory: %v", err)
 	}
 }
+
+// jsonUnmarshalObject reports whether p decodes into v.
+func jsonUnmarshalObject(p []byte, v any) bool { return json.Unmarshal(p, v) == nil }

@@ -1,0 +1,321 @@
+package main
+
+import (
+	"database/sql"
+	"fmt"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// sendAndAck sends text and returns the id in its ack, skipping other frames.
+func sendAndAck(t testing.TB, ws *wsConn, text string) int64 {
+	t.Helper()
+	ws.sendMessage(text)
+	ack := ws.nextWhere(func(f map[string]any) bool { _, ok := f["status"]; return ok })
+	if ack["status"] != true {
+		t.Fatalf("message %q refused: %v", text, ack)
+	}
+	return int64(ack["id"].(float64))
+}
+
+func idOf(f map[string]any) int64 { return int64(f["id"].(float64)) }
+
+func TestHistoryOnConnect(t *testing.T) {
+	s := startServer(t, "-history", "3")
+	writer := s.connect(t, s.user(t, "Writer"))
+	var ids []int64
+	for i := range 5 {
+		ids = append(ids, sendAndAck(t, writer, fmt.Sprintf("m%d", i)))
+	}
+	late := s.connect(t, s.user(t, "Late"))
+	for i, want := range ids[2:] {
+		f := late.next()
+		if f["history"] != true || idOf(f) != want || f["message"] != fmt.Sprintf("m%d", i+2) || f["author"] != "Writer" {
+			t.Fatalf("history frame %d: %v, want id %d", i, f, want)
+		}
+	}
+	writer.sendMessage("live")
+	if f := late.next(); f["message"] != "live" || f["history"] != nil {
+		t.Fatalf("after history: %v", f)
+	}
+}
+
+func TestHistoryOffSendsNothing(t *testing.T) {
+	s := startServer(t, "-history", "0")
+	writer := s.connect(t, s.user(t, "Writer"))
+	sendAndAck(t, writer, "before")
+	late := s.connect(t, s.user(t, "Late"))
+	writer.sendMessage("after")
+	if f := late.next(); f["message"] != "after" {
+		t.Fatalf("first frame with history off: %v", f)
+	}
+}
+
+// collectIDs reads message frames until it has seen want, checking that ids
+// only ever go up by one: nothing missing, nothing repeated.
+func collectIDs(t *testing.T, ws *wsConn, from, want int64) {
+	t.Helper()
+	next := from
+	for next <= want {
+		f := ws.next()
+		if !isChat(f) {
+			continue
+		}
+		if got := idOf(f); got != next {
+			t.Fatalf("got message %d, want %d (history=%v)", got, next, f["history"])
+		}
+		next++
+	}
+}
+
+// chatter sends messages from its own users until stop is closed, and
+// reports the highest acked id.
+func chatter(t *testing.T, s *testServer, users int, stop chan struct{}) func() int64 {
+	var last atomic.Int64
+	var wg sync.WaitGroup
+	for i := range users {
+		ws := s.connect(t, s.user(t, fmt.Sprintf("chatter%d", i)))
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for n := 0; ; n++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				ws.sendMessage(fmt.Sprintf("c%d-%d", i, n))
+				for {
+					op, p, err := ws.readFrame(10 * time.Second)
+					if err != nil {
+						t.Errorf("chatter: %v", err)
+						return
+					}
+					if op == opPing {
+						ws.writeFrame(0xA, p)
+					}
+					var f map[string]any
+					if jsonUnmarshalObject(p, &f) && f["status"] == true {
+						for id := idOf(f); ; {
+							old := last.Load()
+							if id <= old || last.CompareAndSwap(old, id) {
+								break
+							}
+						}
+						break
+					}
+				}
+			}
+		}()
+	}
+	return func() int64 { wg.Wait(); return last.Load() }
+}
+
+func TestHistoryAndLiveStreamJoinWithoutGapWhileOthersSend(t *testing.T) {
+	s := startServer(t, "-history", "20")
+	stop := make(chan struct{})
+	wait := chatter(t, s, 3, stop)
+	time.Sleep(100 * time.Millisecond)
+	late := s.connect(t, s.user(t, "Late"))
+	first := late.next()
+	if first["history"] != true {
+		t.Fatalf("first frame %v is not history", first)
+	}
+	time.Sleep(200 * time.Millisecond)
+	close(stop)
+	last := wait()
+	if idOf(first) > last || last < 30 {
+		t.Fatalf("too little traffic for the test to mean anything: last id %d", last)
+	}
+	collectIDs(t, late, idOf(first)+1, last)
+}
+
+func TestReconnectWithSinceReplaysWhatWasMissed(t *testing.T) {
+	s := startServer(t)
+	cookie := s.user(t, "Roamer")
+	roamer := s.connect(t, cookie)
+	stop := make(chan struct{})
+	wait := chatter(t, s, 2, stop)
+	var lastSeen int64
+	for lastSeen < 10 {
+		if f := roamer.next(); isChat(f) {
+			lastSeen = idOf(f)
+		}
+	}
+	// The connection drops without a close frame; the others keep talking.
+	roamer.c.Close()
+	time.Sleep(150 * time.Millisecond)
+	back := s.connect(t, cookie, dialOpts{query: fmt.Sprintf("?since=%d", lastSeen)})
+	time.Sleep(150 * time.Millisecond)
+	close(stop)
+	last := wait()
+	collectIDs(t, back, lastSeen+1, last)
+}
+
+func TestSinceZeroReplaysFromTheStart(t *testing.T) {
+	s := startServer(t, "-history", "1")
+	w := s.connect(t, s.user(t, "W"))
+	for i := range 4 {
+		sendAndAck(t, w, fmt.Sprint(i))
+	}
+	r := s.connect(t, s.user(t, "R"), dialOpts{query: "?since=0"})
+	collectIDs(t, r, 1, 4)
+}
+
+func TestGapWhenMoreWereMissedThanReplayMax(t *testing.T) {
+	s := startServer(t, "-replay-max", "5")
+	w := s.connect(t, s.user(t, "W"))
+	var last int64
+	for i := range 12 {
+		last = sendAndAck(t, w, fmt.Sprint(i))
+	}
+	r := s.connect(t, s.user(t, "R"), dialOpts{query: "?since=2"})
+	if f := r.next(); f["event"] != "gap" {
+		t.Fatalf("first frame %v, want gap", f)
+	}
+	collectIDs(t, r, last-4, last)
+
+	// Missing no more than replay-max: no gap.
+	r.close()
+	r2 := s.connect(t, s.user(t, "R2"), dialOpts{query: fmt.Sprintf("?since=%d", last-5)})
+	if f := r2.next(); f["event"] == "gap" || idOf(f) != last-4 {
+		t.Fatalf("first frame %v, want message %d", f, last-4)
+	}
+}
+
+func TestAckedMessageSurvivesKill9(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "chat.db")
+	p := startProcess(t, "-db", db)
+	s := p.asServer(t)
+	ws := s.connect(t, s.user(t, "Durable"))
+	id := sendAndAck(t, ws, "written in stone")
+	p.cmd.Process.Kill()
+	p.wait(t, 10*time.Second)
+
+	s2 := startServer(t, "-db", db)
+	cookie := s2.login(t, s2.register(t, "Reader"))
+	r := s2.request(t, "GET", "/api/messages", "", cookie).expect(t, 200)
+	msgs := r.body["messages"].([]any)
+	if len(msgs) != 1 {
+		t.Fatalf("messages after kill -9: %s", r.raw)
+	}
+	m := msgs[0].(map[string]any)
+	if idOf(m) != id || m["message"] != "written in stone" || m["author"] != "Durable" {
+		t.Fatalf("stored message %v", m)
+	}
+}
+
+func TestMessagePages(t *testing.T) {
+	s := startServer(t)
+	cookie := s.user(t, "Pager")
+	ws := s.connect(t, cookie)
+	for i := range 7 {
+		sendAndAck(t, ws, fmt.Sprintf("p%d", i+1))
+	}
+	ws.sendText("refused, not stored")
+	page := func(query string) string {
+		r := s.request(t, "GET", "/api/messages"+query, "", cookie).expect(t, 200)
+		var ids []int64
+		for _, m := range r.body["messages"].([]any) {
+			ids = append(ids, idOf(m.(map[string]any)))
+		}
+		return fmt.Sprint(ids)
+	}
+	for query, want := range map[string]string{
+		"":                     "[1 2 3 4 5 6 7]",
+		"?limit=3":             "[5 6 7]",
+		"?before=5&limit=3":    "[2 3 4]",
+		"?before=3":            "[1 2]",
+		"?before=1":            "[]",
+		"?before=1000&limit=1": "[7]",
+		"?limit=100":           "[1 2 3 4 5 6 7]",
+	} {
+		if got := page(query); got != want {
+			t.Errorf("messages%s: %s, want %s", query, got, want)
+		}
+	}
+	if r := s.request(t, "GET", "/api/messages?before=1", "", cookie); r.raw != "{\"messages\":[]}\n" {
+		t.Errorf("empty page is %q", r.raw)
+	}
+	for _, bad := range []string{"limit=0", "limit=101", "limit=abc", "limit=-1", "limit=", "before=0", "before=x", "before=-5", "limit=1.5"} {
+		s.request(t, "GET", "/api/messages?"+bad, "", cookie).expect(t, 400)
+	}
+}
+
+func TestRetentionDeletesOnlyOldMessages(t *testing.T) {
+	s := startServer(t, "-history-keep", "1500ms")
+	cookie := s.user(t, "Keeper")
+	ws := s.connect(t, cookie)
+	oldID := sendAndAck(t, ws, "old")
+	time.Sleep(1600 * time.Millisecond)
+	newID := sendAndAck(t, ws, "new")
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		r := s.request(t, "GET", "/api/messages", "", cookie).expect(t, 200)
+		msgs := r.body["messages"].([]any)
+		if len(msgs) == 1 && idOf(msgs[0].(map[string]any)) == newID {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("retention did not delete exactly the old message: %s", r.raw)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// Ids are not reused, and a replay from before the deleted one says so.
+	if id := sendAndAck(t, ws, "newer"); id != newID+1 {
+		t.Fatalf("id after retention %d, want %d", id, newID+1)
+	}
+	r := s.connect(t, s.user(t, "Back"), dialOpts{query: fmt.Sprintf("?since=%d", oldID-1)})
+	if f := r.next(); f["event"] != "gap" {
+		t.Fatalf("replay over deleted messages starts with %v, want gap", f)
+	}
+	collectIDs(t, r, newID, newID+1)
+}
+
+func TestMessagesSurviveRestartAndIDsContinue(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "chat.db")
+	s := startServer(t, "-db", db)
+	w := s.connect(t, s.user(t, "W"))
+	last := sendAndAck(t, w, "one")
+	if err := s.stop(); err != nil {
+		t.Fatal(err)
+	}
+	s = startServer(t, "-db", db)
+	w = s.connect(t, s.login(t, s.register(t, "W2")))
+	if f := w.next(); f["history"] != true || idOf(f) != last {
+		t.Fatalf("history after restart: %v", f)
+	}
+	if id := sendAndAck(t, w, "two"); id != last+1 {
+		t.Fatalf("id after restart %d, want %d", id, last+1)
+	}
+}
+
+func TestStorageErrorIsAcked(t *testing.T) {
+	s := startServer(t)
+	ws := s.connect(t, s.user(t, "Unlucky"))
+	watcher := s.connect(t, s.user(t, "Watcher"))
+	ws.nextWhere(isEvent("join", "Watcher"))
+	// Make every insert fail from outside, as a full disk would.
+	db, err := sql.Open("sqlite", s.dbPath+"?_pragma=busy_timeout(5000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.Exec(`CREATE TRIGGER no_inserts BEFORE INSERT ON messages BEGIN SELECT RAISE(FAIL, 'disk full'); END`); err != nil {
+		t.Fatal(err)
+	}
+	ws.sendMessage("lost")
+	if f := ws.next(); f["status"] != false || f["code"] != "storage_error" {
+		t.Fatalf("ack %v, want storage_error", f)
+	}
+	if _, err := db.Exec(`DROP TRIGGER no_inserts`); err != nil {
+		t.Fatal(err)
+	}
+	sendAndAck(t, ws, "kept")
+	if f := watcher.nextWhere(isChat); f["message"] != "kept" {
+		t.Fatalf("watcher got %v: the failed message was broadcast", f)
+	}
+}
