@@ -2,6 +2,7 @@ package main
 
 import (
 	"database/sql"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -298,4 +299,29 @@ func TestOpenSocketKeepsSessionAlive(t *testing.T) {
 	ws.close()
 	time.Sleep(2500 * time.Millisecond)
 	s.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 401)
+}
+
+// FuzzStringField checks the request-body parser: it never panics, and what
+// it accepts is exactly one JSON object with one string field.
+func FuzzStringField(f *testing.F) {
+	for _, seed := range []string{
+		`{"username":"bob"}`, `{"username":5}`, `{}`, `[]`, `null`, ` {"username":"a"} `,
+		`{"username":"a"}{}`, `{"username":"a","username":"b"}`, `{"username":"\u0000"}`,
+		`{"username":"a"`, "\xff\xfe", `{"username":"a","x":null}`,
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		value, err := stringField(data, "username")
+		if err != nil {
+			return
+		}
+		var obj map[string]any
+		if e := json.Unmarshal(data, &obj); e != nil {
+			t.Fatalf("accepted %q, which is not a JSON object: %v", data, e)
+		}
+		if len(obj) != 1 || obj["username"] != value {
+			t.Fatalf("accepted %q as %q", data, value)
+		}
+	})
 }

@@ -560,3 +560,21 @@ func TestBadFlagsAndFilesFailClearly(t *testing.T) {
 
 // jsonUnmarshalObject reports whether p decodes into v.
 func jsonUnmarshalObject(p []byte, v any) bool { return json.Unmarshal(p, v) == nil }
+
+// postJSON posts body and decodes the answer, returning transport errors
+// instead of failing: for servers that are about to be killed.
+func postJSON(url, body string) (response, error) {
+	client := &http.Client{Timeout: 10 * time.Second}
+	resp, err := client.Post(url, "application/json", strings.NewReader(body))
+	if err != nil {
+		return response{}, err
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return response{}, err
+	}
+	r := response{status: resp.StatusCode, header: resp.Header, raw: string(raw)}
+	json.Unmarshal(raw, &r.body)
+	return r, nil
+}

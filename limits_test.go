@@ -1,0 +1,311 @@
+package main
+
+import (
+	"database/sql"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func TestMessageRateLimit(t *testing.T) {
+	s := startServer(t, "-msg-rate", "5", "-msg-burst", "10")
+	sender := s.connect(t, s.user(t, "Chatty"))
+	watcher := s.connect(t, s.user(t, "Watcher"))
+	sender.nextWhere(isEvent("join", "Watcher"))
+	for range 15 {
+		sender.sendMessage("spam")
+	}
+	accepted, limited := 0, 0
+	for accepted+limited < 15 {
+		f := sender.next()
+		switch {
+		case f["status"] == true:
+			accepted++
+		case f["code"] == "rate_limited":
+			limited++
+		default:
+			t.Fatalf("unexpected frame %v", f)
+		}
+	}
+	// Fifteen frames take far less than the 200ms a token needs.
+	if accepted < 10 || accepted > 11 {
+		t.Fatalf("%d accepted, %d limited; want the burst of 10 through", accepted, limited)
+	}
+	time.Sleep(500 * time.Millisecond) // two tokens
+	if id := sendAndAck(t, sender, "after a pause"); id == 0 {
+		t.Fatal("no id")
+	}
+	got := 0
+	for {
+		f := watcher.nextWhere(isChat)
+		got++
+		if f["message"] == "after a pause" {
+			break
+		}
+	}
+	if got != accepted+1 {
+		t.Fatalf("watcher got %d messages, want %d: rate-limited ones were broadcast", got, accepted+1)
+	}
+}
+
+func TestAuthRateLimitPerClientIP(t *testing.T) {
+	s := startServer(t, "-auth-rate", "0.5", "-auth-burst", "3")
+	s.register(t, "one")
+	s.register(t, "two")
+	key := s.register(t, "three")
+	for _, path := range []string{"/api/register", "/api/login"} {
+		r := s.request(t, "POST", path, `{"username":"four"}`, nil).expect(t, 429)
+		if secs, err := strconv.Atoi(r.header.Get("Retry-After")); err != nil || secs < 1 || secs > 2 {
+			t.Fatalf("Retry-After %q", r.header.Get("Retry-After"))
+		}
+	}
+	// Behind the trusted (loopback) proxy each forwarded client has its own
+	// bucket, keyed by the last hop only: a client cannot pick its own.
+	r := s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, key), nil,
+		"X-Forwarded-For", "127.0.0.1, 203.0.113.7").expect(t, 200)
+	if r.body["username"] != "three" {
+		t.Fatalf("login through proxy: %s", r.raw)
+	}
+	for range 2 {
+		s.request(t, "POST", "/api/login", `{"key":"nope"}`, nil, "X-Forwarded-For", "198.51.100.1, 203.0.113.7").expect(t, 401)
+	}
+	s.request(t, "POST", "/api/login", `{"key":"nope"}`, nil, "X-Forwarded-For", "203.0.113.7").expect(t, 429)
+}
+
+func TestForwardedForIgnoredFromUntrustedPeers(t *testing.T) {
+	s := startServer(t, "-auth-rate", "0.5", "-auth-burst", "1", "-trusted-proxies", "192.0.2.1")
+	s.register(t, "first")
+	s.request(t, "POST", "/api/register", `{"username":"second"}`, nil, "X-Forwarded-For", "203.0.113.9").expect(t, 429)
+}
+
+func TestFailedLoginsLookAlike(t *testing.T) {
+	s := startServer(t)
+	key := s.register(t, "Secretive")
+	near := key[:len(key)-1] + "x"
+	if near == key {
+		near = key[:len(key)-1] + "y"
+	}
+	a := s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, near), nil).expect(t, 401)
+	b := s.request(t, "POST", "/api/login", `{"key":"completely-wrong"}`, nil).expect(t, 401)
+	if a.raw != b.raw {
+		t.Fatalf("failed logins differ: %q vs %q", a.raw, b.raw)
+	}
+}
+
+func TestMaxConnsRefusesBeforeUpgrade(t *testing.T) {
+	s := startServer(t, "-max-conns", "2")
+	a := s.connect(t, s.user(t, "A"))
+	s.connect(t, s.user(t, "B"))
+	cookie := s.user(t, "C")
+	ws, r := s.dialWS(t, cookie, dialOpts{})
+	if ws != nil {
+		t.Fatal("third socket accepted with -max-conns 2")
+	}
+	r.expect(t, 503)
+	a.close()
+	s.connect(t, cookie)
+}
+
+func TestVanishedClientsAreAnnounced(t *testing.T) {
+	s := startServer(t, "-ping-interval", "500ms")
+	watcher := s.connect(t, s.user(t, "Watcher"))
+	reset := s.connect(t, s.user(t, "Reset"))
+	silent := s.connect(t, s.user(t, "Silent"))
+	watcher.nextWhere(isEvent("join", "Silent"))
+
+	// A TCP reset: the server hears of it at once.
+	reset.c.(*net.TCPConn).SetLinger(0)
+	reset.c.Close()
+	watcher.nextWhere(isEvent("leave", "Reset"))
+
+	// A half-open peer that never answers: the missing pongs give it away.
+	_ = silent
+	watcher.nextWhere(isEvent("leave", "Silent"))
+	r := s.request(t, "GET", "/api/online", "", s.user(t, "Observer")).expect(t, 200)
+	if fmt.Sprint(r.body["online_clients"]) != "[Watcher]" {
+		t.Fatalf("online keeps ghosts: %s", r.raw)
+	}
+}
+
+func TestSlowlorisDoesNotBlockOthers(t *testing.T) {
+	s := startServer(t)
+	const slow = 200
+	var conns []net.Conn
+	for range slow {
+		c, err := net.Dial("tcp", s.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for _, c := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			header := "POST /api/register HTTP/1.1\r\nHost: x\r\nX-Padding: " + strings.Repeat("a", 1000)
+			for i := range len(header) {
+				select {
+				case <-stop:
+					return
+				case <-time.After(50 * time.Millisecond):
+				}
+				if _, err := c.Write([]byte{header[i]}); err != nil {
+					return // the server gave up on us: as it should
+				}
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	// Everyone else goes about their business meanwhile.
+	a := s.connect(t, s.user(t, "Patient"))
+	b := s.connect(t, s.user(t, "Busy"))
+	a.nextWhere(isEvent("join", "Busy"))
+	b.sendMessage("the server is responsive")
+	if f := a.nextWhere(isChat); f["message"] != "the server is responsive" {
+		t.Fatalf("got %v", f)
+	}
+	// And the slow connections are cut by the header timeout.
+	c := conns[0]
+	c.SetReadDeadline(time.Now().Add(15 * time.Second))
+	buf := make([]byte, 1)
+	if _, err := c.Read(buf); err == nil {
+		t.Fatal("slow header connection got a byte instead of being closed")
+	} else if ne, ok := err.(net.Error); ok && ne.Timeout() {
+		t.Fatal("slow header connection still open after 15s")
+	}
+	close(stop)
+	wg.Wait()
+}
+
+func TestRegistrationStormThroughKill9(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "chat.db")
+	created := map[string]string{}
+	var mu sync.Mutex
+	for round := range 3 {
+		p := startProcess(t, "-db", db)
+		s := p.asServer(t)
+		var wg sync.WaitGroup
+		for w := range 16 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for i := 0; ; i++ {
+					name := fmt.Sprintf("storm%dw%di%d", round, w, i)
+					resp, err := postJSON(s.url+"/api/register", fmt.Sprintf(`{"username":%q}`, name))
+					if err != nil {
+						return // the server died mid-request: no 201, no promise
+					}
+					if resp.status == 201 {
+						mu.Lock()
+						created[name] = resp.body["key"].(string)
+						mu.Unlock()
+					} else if resp.status != 409 {
+						t.Errorf("register: %d %s", resp.status, resp.raw)
+						return
+					}
+				}
+			}()
+		}
+		time.Sleep(time.Duration(150+100*round) * time.Millisecond)
+		p.cmd.Process.Kill()
+		wg.Wait()
+		p.wait(t, 10*time.Second)
+	}
+	if len(created) < 50 {
+		t.Fatalf("only %d registrations got through: the storm was no storm", len(created))
+	}
+	checkIntegrity(t, db)
+	s := startServer(t, "-db", db)
+	for name, key := range created {
+		r := s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, key), nil)
+		if r.status != 200 || r.body["username"] != name {
+			t.Fatalf("%s got 201 but cannot log in after kill -9: %d %s", name, r.status, r.raw)
+		}
+	}
+}
+
+func checkIntegrity(t *testing.T, path string) {
+	t.Helper()
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var result string
+	if err := db.QueryRow("PRAGMA integrity_check").Scan(&result); err != nil || result != "ok" {
+		t.Fatalf("integrity_check: %q, %v", result, err)
+	}
+}
+
+// runToExit runs the command with args and returns its exit code and output.
+func runToExit(t *testing.T, args ...string) (int, string) {
+	t.Helper()
+	all := append([]string{"-addr", "127.0.0.1:0"}, args...)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "GOCHAT_TEST_SERVER=1", "GOCHAT_TEST_ARGS="+string(mustJSON(all)))
+	done := make(chan struct{})
+	var out []byte
+	var err error
+	go func() { out, err = cmd.CombinedOutput(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		cmd.Process.Kill()
+		t.Fatal("server started on a bad database instead of exiting")
+	}
+	code := 0
+	if ee, ok := err.(*exec.ExitError); ok {
+		code = ee.ExitCode()
+	}
+	return code, string(out)
+}
+
+func TestCorruptDatabaseFailsClearly(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "chat.db")
+	if err := os.WriteFile(db, []byte(strings.Repeat("this is not a database\n", 500)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, out := runToExit(t, "-db", db)
+	if code == 0 || strings.Contains(out, "panic") || !strings.Contains(out, "not a database") {
+		t.Fatalf("exit %d, output:\n%s", code, out)
+	}
+}
+
+func TestReadOnlyDatabaseFailsClearly(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "chat.db")
+	s := startServer(t, "-db", db)
+	s.register(t, "Existing")
+	if err := s.stop(); err != nil {
+		t.Fatal(err)
+	}
+	makeReadOnly(t, db)
+	code, out := runToExit(t, "-db", db)
+	if code == 0 || strings.Contains(out, "panic") || !strings.Contains(out, "open db") {
+		t.Fatalf("exit %d, output:\n%s", code, out)
+	}
+}
+
+// makeReadOnly makes path unwritable even for root, who ignores modes.
+func makeReadOnly(t *testing.T, path string) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		if err := os.Chmod(path, 0o400); err != nil {
+			t.Fatal(err)
+		}
+		return
+	}
+	if out, err := exec.Command("chattr", "+i", path).CombinedOutput(); err != nil {
+		t.Skipf("cannot make the file immutable as root: %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("chattr", "-i", path).Run() })
+}
