@@ -15,6 +15,7 @@ import (
 	"net/http"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unicode/utf8"
 
@@ -60,22 +61,24 @@ type client struct {
 	conn *rawConn // nil until the upgrade completed
 
 	mu        sync.Mutex
-	queue     [][]byte // frames waiting for the writer
+	queue     [][]byte // frames waiting to be written
 	queued    int      // bytes in queue
-	writing   bool     // a writeLoop goroutine is running
+	writing   bool     // some goroutine owns the write side of conn
 	closeCode int      // non-zero once closing: the code to send
 	closeSent bool
-	finished  chan struct{} // closed when the writer is done for good
+	finished  chan struct{} // closed when writing is over for good
+
+	dirty bool // has frames the hub has not flushed yet; hub goroutine only
 }
 
 func newClient(hub *Hub, user, session string) *client {
 	return &client{hub: hub, user: user, session: session, finished: make(chan struct{})}
 }
 
-// send queues frame. It never blocks; it reports false when the queue is
-// full, and the caller drops the client. Frames for a closing client are
+// enqueue queues frame without writing it. It reports false when the queue
+// is full, and the caller drops the client. Frames for a closing client are
 // discarded.
-func (c *client) send(frame []byte) bool {
+func (c *client) enqueue(frame []byte) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closeCode != 0 {
@@ -86,16 +89,25 @@ func (c *client) send(frame []byte) bool {
 	}
 	c.queue = append(c.queue, frame)
 	c.queued += len(frame)
-	c.startWriterLocked()
 	return true
+}
+
+// send queues frame and flushes, for goroutines other than the hub's.
+func (c *client) send(frame []byte) {
+	if !c.enqueue(frame) {
+		c.close(closePolicyViolation)
+		go c.hub.Leave(c)
+		return
+	}
+	c.flush()
 }
 
 // close sends a close frame with code after what is queued (a slow client's
 // backlog is discarded instead) and then shuts the connection.
 func (c *client) close(code int) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	if c.closeCode != 0 {
+		c.mu.Unlock()
 		return
 	}
 	c.closeCode = code
@@ -103,51 +115,88 @@ func (c *client) close(code int) {
 		clear(c.queue)
 		c.queue, c.queued = nil, 0
 	}
-	c.startWriterLocked()
+	c.mu.Unlock()
+	c.flush()
 }
 
-// attach gives c its connection once the upgrade is done and starts writing
+// silentFor reports how long c's peer has sent nothing; 0 before attach.
+func (c *client) silentFor(now time.Time) time.Duration {
+	c.mu.Lock()
+	conn := c.conn
+	c.mu.Unlock()
+	if conn == nil {
+		return 0
+	}
+	return conn.silentFor(now)
+}
+
+// attach gives c its connection once the upgrade is done and writes
 // whatever was decided before that.
 func (c *client) attach(conn *rawConn) {
 	c.mu.Lock()
-	defer c.mu.Unlock()
 	c.conn = conn
-	if len(c.queue) > 0 || c.closeCode != 0 {
-		c.startWriterLocked()
-	}
+	c.mu.Unlock()
+	c.flush()
 }
 
-// startWriterLocked starts a writer unless one runs. Writers exist only while
-// there is something to write, so an idle client costs no goroutine.
-func (c *client) startWriterLocked() {
+// takeLocked moves the queue, and the close frame when it is due, to out.
+func (c *client) takeLocked(out net.Buffers) (net.Buffers, bool) {
+	out = append(out, c.queue...)
+	clear(c.queue)
+	c.queue, c.queued = c.queue[:0], 0
+	final := c.closeCode != 0 && !c.closeSent
+	if final {
+		c.closeSent = true
+		out = append(out, closeFrame(c.closeCode))
+	}
+	if len(out) == 0 {
+		c.queue = nil // an idle client holds no buffer
+	}
+	return out, final
+}
+
+// flush writes everything queued in one system call that does not block,
+// on the calling goroutine. Whatever the socket cannot take now is handed
+// to a writer goroutine, so a client costs a goroutine only while it is
+// behind. Safe from any goroutine; a flush while another goroutine writes
+// leaves the queue to that one.
+func (c *client) flush() {
+	c.mu.Lock()
 	if c.writing || c.conn == nil {
+		c.mu.Unlock()
 		return
 	}
 	c.writing = true
-	go c.writeLoop()
-}
-
-// writeLoop writes everything queued, each round in one system call, until
-// the queue is empty (then it exits) or the close frame is out.
-func (c *client) writeLoop() {
-	var out net.Buffers // taken from the queue, not yet fully written
 	for {
-		c.mu.Lock()
-		out = append(out, c.queue...)
-		clear(c.queue)
-		c.queue, c.queued = c.queue[:0], 0
-		final := c.closeCode != 0 && !c.closeSent
-		if final {
-			c.closeSent = true
-			out = append(out, closeFrame(c.closeCode))
-		}
+		out, final := c.takeLocked(nil)
 		if len(out) == 0 {
-			c.writing, c.queue = false, nil
+			c.writing = false
 			c.mu.Unlock()
 			return
 		}
 		c.mu.Unlock()
+		rest, err := c.conn.tryWrite(out)
+		switch {
+		case err == nil && final:
+			c.finish(nil)
+			return
+		case err == nil:
+			c.mu.Lock()
+			continue
+		case errors.Is(err, errWouldBlock):
+			go c.writeLoop(rest, final)
+		default:
+			c.finish(err)
+		}
+		return
+	}
+}
 
+// writeLoop writes out, then whatever else gets queued, blocking with a
+// deadline, until the queue is empty (then it exits) or the close frame is
+// out. final says whether out already ends with the close frame.
+func (c *client) writeLoop(out net.Buffers, final bool) {
+	for {
 		timeout := writeTimeout
 		if final {
 			// A dropped client may still be working through its backlog;
@@ -156,22 +205,47 @@ func (c *client) writeLoop() {
 		}
 		err := c.conn.writeFrames(&out, timeout)
 		switch {
-		case err == nil && !final:
-			continue
+		case err == nil && final:
+			c.finish(nil)
+			return
 		case err == nil:
-			c.conn.closeWrite()
 		case isTimeout(err) && !final:
 			// Stalled: drop it now, then give what was half written and the
 			// close frame one more timeout to get through.
 			c.hub.Leave(c)
-			c.close(closePolicyViolation)
-			continue
+			c.mu.Lock()
+			if c.closeCode == 0 {
+				c.closeCode = closePolicyViolation
+				clear(c.queue)
+				c.queue, c.queued = nil, 0
+			}
+			c.mu.Unlock()
 		default:
-			c.conn.Close()
+			c.finish(err)
+			return
 		}
-		close(c.finished)
-		return
+		c.mu.Lock()
+		var closing bool
+		out, closing = c.takeLocked(out)
+		final = final || closing
+		if len(out) == 0 {
+			c.writing = false
+			c.mu.Unlock()
+			return
+		}
+		c.mu.Unlock()
 	}
+}
+
+// finish ends writing for good: after the close frame went out, half-close
+// and wait briefly for the peer's; after a failed write, cut the connection.
+func (c *client) finish(err error) {
+	if err != nil {
+		c.conn.shut()
+	} else {
+		c.conn.closeWrite()
+	}
+	close(c.finished)
 }
 
 // readLoop reads frames until the socket closes. It runs on the handler
@@ -278,34 +352,131 @@ func isTimeout(err error) bool {
 
 // rawConn is the hijacked connection under a websocket.Conn. All writes,
 // the library's (handshake, pong) and ours, go through it one at a time.
-// Each read refreshes an idle deadline, so a peer that sends nothing, not
-// even the pong to our periodic ping, is noticed and dropped.
+// Each read notes the time, so the hub can drop a peer that sends nothing,
+// not even the pong to its periodic ping, without a timer per socket.
 type rawConn struct {
 	net.Conn
-	idle time.Duration
+	raw      syscall.RawConn // nil where there is no socket to write to directly (TLS)
+	lastRead atomic.Int64    // unix nanos of the last read that returned data
 
 	wmu     sync.Mutex
-	closeBy atomic.Int64 // unix nanos after which reads fail; 0 while open
+	corked  bool         // holding writes back until uncork
+	held    []byte       // what was written while corked
 }
 
+// uncork sends what the handshake wrote. Until then the client has not seen
+// its 101, so by the time it has, the hub counts it as online.
+func (c *rawConn) uncork() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	c.corked = false
+	held := c.held
+	c.held = nil
+	defer c.setWriteDeadline(writeTimeout)()
+	_, err := c.Conn.Write(held)
+	return err
+}
+
+// Close is what x/net/websocket calls when the handler returns, which here
+// is right after the handshake: the socket lives on with its own reader, so
+// the call is ignored. shut closes the connection for real.
+func (c *rawConn) Close() error { return nil }
+
+func (c *rawConn) shut() error { return c.Conn.Close() }
+
 func (c *rawConn) Read(p []byte) (int, error) {
-	deadline := time.Now().Add(c.idle)
-	if by := c.closeBy.Load(); by != 0 {
-		deadline = time.Unix(0, by)
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.lastRead.Store(time.Now().UnixNano())
 	}
-	if err := c.Conn.SetReadDeadline(deadline); err != nil {
-		return 0, err
-	}
-	return c.Conn.Read(p)
+	return n, err
+}
+
+// silentFor reports how long the peer has sent nothing.
+func (c *rawConn) silentFor(now time.Time) time.Duration {
+	return now.Sub(time.Unix(0, c.lastRead.Load()))
 }
 
 func (c *rawConn) Write(p []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if err := c.Conn.SetWriteDeadline(time.Now().Add(writeTimeout)); err != nil {
-		return 0, err
+	if c.corked {
+		c.held = append(c.held, p...)
+		return len(p), nil
 	}
+	defer c.setWriteDeadline(writeTimeout)()
 	return c.Conn.Write(p)
+}
+
+// setWriteDeadline bounds the blocking writes that follow and returns the
+// function that lifts the bound again: a deadline left behind would fail
+// tryWrite's later writes, which never block and need none.
+func (c *rawConn) setWriteDeadline(timeout time.Duration) func() {
+	c.Conn.SetWriteDeadline(time.Now().Add(timeout))
+	return func() { c.Conn.SetWriteDeadline(time.Time{}) }
+}
+
+// errWouldBlock says the socket's buffer is full: what is left needs a
+// goroutine that can wait.
+var errWouldBlock = errors.New("write would block")
+
+// joinBuffers holds the frames of one write on their way to the socket.
+var joinBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 32<<10); return &b }}
+
+// tryWrite writes frames with one write() that never waits for the socket,
+// and returns what it could not write, with errWouldBlock, or nil.
+func (c *rawConn) tryWrite(frames net.Buffers) (net.Buffers, error) {
+	if c.raw == nil {
+		return frames, errWouldBlock
+	}
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	data := frames[0]
+	if len(frames) > 1 {
+		bp := joinBuffers.Get().(*[]byte)
+		defer joinBuffers.Put(bp)
+		for _, f := range frames {
+			*bp = append(*bp, f...)
+		}
+		data = *bp
+		defer func() { *bp = (*bp)[:0] }()
+	}
+	var n int
+	var werr error
+	err := c.raw.Write(func(fd uintptr) bool {
+		for {
+			n, werr = syscall.Write(int(fd), data)
+			if werr != syscall.EINTR {
+				return true // done, whatever happened: this write never waits
+			}
+		}
+	})
+	if err == nil {
+		err = werr
+	}
+	if errors.Is(err, syscall.EAGAIN) {
+		return frames, errWouldBlock
+	}
+	if err != nil {
+		return frames, err
+	}
+	if rest := advance(frames, n); len(rest) > 0 {
+		return rest, errWouldBlock
+	}
+	return nil, nil
+}
+
+// advance drops the first n bytes of frames. The frames' bytes, shared
+// with other clients, are resliced, never changed.
+func advance(frames net.Buffers, n int) net.Buffers {
+	for len(frames) > 0 && n >= len(frames[0]) {
+		n -= len(frames[0])
+		frames = frames[1:]
+	}
+	if len(frames) > 0 {
+		frames[0] = frames[0][n:]
+	}
+	return frames
 }
 
 // writeFrames writes frames in one system call where the connection allows
@@ -313,9 +484,7 @@ func (c *rawConn) Write(p []byte) (int, error) {
 func (c *rawConn) writeFrames(frames *net.Buffers, timeout time.Duration) error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	if err := c.Conn.SetWriteDeadline(time.Now().Add(timeout)); err != nil {
-		return err
-	}
+	defer c.setWriteDeadline(timeout)()
 	if _, ok := c.Conn.(*net.TCPConn); ok {
 		_, err := frames.WriteTo(c.Conn)
 		return err
@@ -333,7 +502,6 @@ func (c *rawConn) writeFrames(frames *net.Buffers, timeout time.Duration) error 
 // closeWrite ends our side after the close frame and bounds the wait for
 // the peer's.
 func (c *rawConn) closeWrite() {
-	c.closeBy.Store(time.Now().Add(closeGrace).UnixNano())
 	c.Conn.SetReadDeadline(time.Now().Add(closeGrace))
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		cw.CloseWrite()
@@ -345,11 +513,10 @@ func (c *rawConn) closeWrite() {
 // the writer's only ever holds the handshake or a control frame.
 type upgradeWriter struct {
 	http.ResponseWriter
-	idle time.Duration
 	conn *rawConn
 }
 
-const readBufferSize = 1024
+const readBufferSize = 512
 
 func (w *upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	nc, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
@@ -359,7 +526,11 @@ func (w *upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if tcp, ok := nc.(*net.TCPConn); ok {
 		tcp.SetWriteBuffer(socketSendBuffer)
 	}
-	w.conn = &rawConn{Conn: nc, idle: w.idle}
+	w.conn = &rawConn{Conn: nc, corked: true}
+	w.conn.lastRead.Store(time.Now().UnixNano())
+	if tcp, ok := nc.(*net.TCPConn); ok {
+		w.conn.raw, _ = tcp.SyscallConn()
+	}
 	var r io.Reader = w.conn
 	if n := brw.Reader.Buffered(); n > 0 {
 		early, _ := brw.Reader.Peek(n)

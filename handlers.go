@@ -32,7 +32,7 @@ type deps struct {
 
 // routes returns the server's handler: the API on Go 1.22 method patterns,
 // with the mux's own 404 and 405 answers turned into JSON errors.
-func routes(d deps) http.Handler {
+func routes(d *deps) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("POST /api/register", limitAuth(d, handleRegister(d.store, d.log)))
 	mux.Handle("POST /api/login", limitAuth(d, handleLogin(d.store, d.sessions, d.cfg.SessionTTL, d.log)))
@@ -435,7 +435,7 @@ func isWebSocketUpgrade(r *http.Request) bool {
 
 // handleWebSocket upgrades /ws after checking, as plain HTTP with JSON
 // errors, everything that can refuse it.
-func handleWebSocket(d deps) http.Handler {
+func handleWebSocket(d *deps) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		user, sid, ok := authenticate(w, r, d.sessions, d.cfg.SessionTTL)
 		if !ok {
@@ -470,15 +470,18 @@ func handleWebSocket(d deps) http.Handler {
 			writeError(w, http.StatusUnauthorized, "unknown or expired session")
 			return
 		}
-		defer d.sessions.CloseSocket(sid)
 		upgrade(d, c, w, r, since)
 	})
 }
 
-// upgrade completes the handshake and serves the socket until it closes.
-func upgrade(d deps, c *client, w http.ResponseWriter, r *http.Request, since int64) {
-	uw := &upgradeWriter{ResponseWriter: w, idle: 2 * d.cfg.PingInterval}
-	upgraded := false
+// upgrade completes the handshake and starts the socket's reader. The HTTP
+// handler then returns, so the request, its connection state and its
+// buffers are freed: an idle socket costs only its reader goroutine, its
+// client and small buffers.
+func upgrade(d *deps, c *client, w http.ResponseWriter, r *http.Request, since int64) {
+	uw := &upgradeWriter{ResponseWriter: w}
+	hr := handshakeRequest(r)
+	var ws *websocket.Conn
 	websocket.Server{
 		// Subprotocols are not offered; dropping the client's list also keeps
 		// the library from refusing a handshake that names several.
@@ -486,24 +489,57 @@ func upgrade(d deps, c *client, w http.ResponseWriter, r *http.Request, since in
 			cfg.Protocol = nil
 			return nil
 		},
-		Handler: func(ws *websocket.Conn) {
-			upgraded = true
-			ws.MaxPayloadBytes = maxFrameBytes
-			c.attach(uw.conn)
-			d.hub.Activate(c, since)
-			d.log.Info("websocket open", "user", c.user, "remote", r.RemoteAddr)
-			c.readLoop(ws, chatHandler(d, c))
-			d.log.Info("websocket closed", "user", c.user, "remote", r.RemoteAddr)
-		},
-	}.ServeHTTP(uw, r)
-	if !upgraded {
+		Handler: func(conn *websocket.Conn) { ws = conn },
+	}.ServeHTTP(uw, hr)
+	hr.Header = nil // read by the handshake, kept by ws for nothing
+	conn := uw.conn
+	if ws == nil {
+		if conn != nil {
+			conn.shut()
+		}
 		d.hub.Leave(c)
+		d.sessions.CloseSocket(c.session)
+		return
+	}
+	ws.MaxPayloadBytes = maxFrameBytes
+	d.hub.Activate(c, since)
+	if err := conn.uncork(); err != nil {
+		d.hub.Leave(c)
+		conn.shut()
+		d.sessions.CloseSocket(c.session)
+		return
+	}
+	c.attach(conn)
+	go serveSocket(d, c, ws, conn, r.RemoteAddr)
+}
+
+// serveSocket reads the socket until it closes, then releases it.
+func serveSocket(d *deps, c *client, ws *websocket.Conn, conn *rawConn, remote string) {
+	d.log.Info("websocket open", "user", c.user, "remote", remote)
+	c.readLoop(ws, chatHandler(d, c))
+	conn.shut()
+	d.sessions.CloseSocket(c.session)
+	d.log.Info("websocket closed", "user", c.user, "remote", remote)
+}
+
+// handshakeRequest copies what the WebSocket handshake reads from r. The
+// websocket.Conn keeps its request for life; this keeps it small.
+func handshakeRequest(r *http.Request) *http.Request {
+	header := http.Header{}
+	for _, name := range []string{"Upgrade", "Connection", "Sec-Websocket-Key", "Sec-Websocket-Version", "Sec-Websocket-Protocol"} {
+		if v := r.Header.Values(name); len(v) > 0 {
+			header[name] = v
+		}
+	}
+	return &http.Request{
+		Method: r.Method, Proto: r.Proto, ProtoMajor: r.ProtoMajor, ProtoMinor: r.ProtoMinor,
+		Host: r.Host, URL: &url.URL{Path: r.URL.Path}, Header: header, TLS: r.TLS, RemoteAddr: r.RemoteAddr,
 	}
 }
 
 // chatHandler returns what c's reader does with each frame: refuse it with
 // an error ack, or store it; the hub broadcasts and acks it once stored.
-func chatHandler(d deps, c *client) func(data []byte, binary bool) {
+func chatHandler(d *deps, c *client) func(data []byte, binary bool) {
 	rateKey := strings.ToLower(c.user)
 	return func(data []byte, binary bool) {
 		text, refusal := chatText(data, binary)

@@ -30,6 +30,7 @@ type Hub struct {
 	done      chan struct{}
 
 	clients map[string]*client // by lower-case user name, reserved or active
+	dirty   []*client          // clients with frames queued since the last flush
 	recent  []Message          // newest stored messages, ascending id
 	frames  map[int64][]byte   // cached history frames of recent, by id
 	lastID  int64              // highest message id ever stored
@@ -116,23 +117,54 @@ func (h *Hub) Run() {
 		case r := <-h.reserve:
 			r.reply <- h.handleReserve(r.c)
 		case r := <-h.activate:
-			h.handleActivate(r.c, r.since)
-			close(r.done)
+			h.onActivate(r)
 		case r := <-h.leave:
-			h.remove(r.c, 0)
-			close(r.done)
+			h.onLeave(r)
 		case p := <-h.published:
 			h.handlePublished(p)
 		case f := <-h.calls:
 			f()
-		case <-ping:
+		case now := <-ping:
+			h.dropSilent(now)
 			h.broadcast(pingFrame, nil)
 		case code := <-h.quit:
+			h.flush()
 			h.closeAll(code)
 			h.waitForLeaves()
 			return
 		}
+		h.drain()
+		h.flush()
 	}
+}
+
+// drain handles the frequent events already waiting, up to a bound that
+// keeps the first of them from waiting long for its flush. Handling them
+// all before flushing is what lets a busy hub send many frames per system
+// call: a burst of messages or joins reaches each client in one write.
+func (h *Hub) drain() {
+	for range maxBatch {
+		select {
+		case r := <-h.activate:
+			h.onActivate(r)
+		case r := <-h.leave:
+			h.onLeave(r)
+		case p := <-h.published:
+			h.handlePublished(p)
+		default:
+			return
+		}
+	}
+}
+
+func (h *Hub) onActivate(r activateRequest) {
+	h.handleActivate(r.c, r.since)
+	close(r.done)
+}
+
+func (h *Hub) onLeave(r leaveRequest) {
+	h.remove(r.c, 0)
+	close(r.done)
 }
 
 func (h *Hub) handleReserve(c *client) reserveResult {
@@ -169,11 +201,11 @@ func (h *Hub) replay(c *client, since int64) {
 			msgs = msgs[len(msgs)-h.replayMax:]
 		}
 		if h.missed(since, msgs) {
-			c.send(gapFrame)
+			h.deliver(c, gapFrame)
 		}
 	}
 	for _, m := range msgs {
-		c.send(h.historyFrame(m))
+		h.deliver(c, h.historyFrame(m))
 	}
 }
 
@@ -236,9 +268,11 @@ func (h *Hub) broadcast(frame []byte, except *client) {
 		if c == except || !c.active {
 			continue
 		}
-		if !c.send(frame) {
+		if !c.enqueue(frame) {
 			slow = append(slow, c)
+			continue
 		}
+		h.markDirty(c)
 	}
 	for _, c := range slow {
 		h.log.Warn("dropping slow websocket client", "user", c.user)
@@ -246,11 +280,47 @@ func (h *Hub) broadcast(frame []byte, except *client) {
 	}
 }
 
-// deliver queues frame for one client, dropping it when its queue is full.
-func (h *Hub) deliver(c *client, frame []byte) {
-	if !c.send(frame) {
+// dropSilent drops the clients that have sent nothing, not even a pong,
+// for two ping intervals: their peer is gone without a word (a half-open
+// connection) or has stopped reading.
+func (h *Hub) dropSilent(now time.Time) {
+	var silent []*client
+	for _, c := range h.clients {
+		if c.active && c.silentFor(now) > 2*h.pingInterval {
+			silent = append(silent, c)
+		}
+	}
+	for _, c := range silent {
+		h.log.Info("dropping silent websocket client", "user", c.user)
 		h.remove(c, closePolicyViolation)
 	}
+}
+
+// deliver queues frame for one client, dropping it when its queue is full.
+func (h *Hub) deliver(c *client, frame []byte) {
+	if !c.enqueue(frame) {
+		h.remove(c, closePolicyViolation)
+		return
+	}
+	h.markDirty(c)
+}
+
+func (h *Hub) markDirty(c *client) {
+	if !c.dirty {
+		c.dirty = true
+		h.dirty = append(h.dirty, c)
+	}
+}
+
+// flush writes, for each client that got frames since the last flush, all
+// of them at once.
+func (h *Hub) flush() {
+	for _, c := range h.dirty {
+		c.dirty = false
+		c.flush()
+	}
+	clear(h.dirty)
+	h.dirty = h.dirty[:0]
 }
 
 // remove takes c out of the set, tells the others it left and, when code is

@@ -84,7 +84,7 @@ func (l *rateLimiter) RunCleanup(ctx context.Context, interval time.Duration) {
 
 // limitAuth answers 429 with Retry-After when the client IP has used up
 // its registrations and logins.
-func limitAuth(d deps, next http.Handler) http.Handler {
+func limitAuth(d *deps, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ok, wait := d.authRate.Allow(clientIP(r, d.cfg.TrustedProxies))
 		if !ok {

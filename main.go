@@ -187,7 +187,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 
 	bg, stopBackground := context.WithCancel(context.Background())
 	defer stopBackground()
-	d := deps{
+	d := &deps{
 		cfg:      cfg,
 		log:      log,
 		store:    store,

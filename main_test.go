@@ -69,7 +69,11 @@ func startServer(t testing.TB, args ...string) *testServer {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &testServer{t: t, addr: ln.Addr().String(), dbPath: cfg.DB, cancel: cancel, done: make(chan error, 1)}
 	s.url = "http://" + s.addr
-	go func() { s.done <- serve(ctx, cfg, ln, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+	logOut := io.Discard
+	if os.Getenv("GOCHAT_TEST_LOG") != "" {
+		logOut = os.Stderr
+	}
+	go func() { s.done <- serve(ctx, cfg, ln, slog.New(slog.NewTextHandler(logOut, nil))) }()
 	t.Cleanup(func() { s.stop() })
 	return s
 }
