@@ -359,9 +359,9 @@ type rawConn struct {
 	raw      syscall.RawConn // nil where there is no socket to write to directly (TLS)
 	lastRead atomic.Int64    // unix nanos of the last read that returned data
 
-	wmu     sync.Mutex
-	corked  bool         // holding writes back until uncork
-	held    []byte       // what was written while corked
+	wmu    sync.Mutex
+	corked bool   // holding writes back until uncork
+	held   []byte // what was written while corked
 }
 
 // uncork sends what the handshake wrote. Until then the client has not seen
