@@ -13,6 +13,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -99,7 +100,7 @@ func (c *client) send(frame []byte) {
 		go c.hub.Leave(c)
 		return
 	}
-	c.flush()
+	c.flush(nil)
 }
 
 // close sends a close frame with code after what is queued (a slow client's
@@ -116,7 +117,7 @@ func (c *client) close(code int) {
 		c.queue, c.queued = nil, 0
 	}
 	c.mu.Unlock()
-	c.flush()
+	c.flush(nil)
 }
 
 // silentFor reports how long c's peer has sent nothing; 0 before attach.
@@ -136,7 +137,7 @@ func (c *client) attach(conn *rawConn) {
 	c.mu.Lock()
 	c.conn = conn
 	c.mu.Unlock()
-	c.flush()
+	c.flush(nil)
 }
 
 // takeLocked moves the queue, and the close frame when it is due, to out.
@@ -144,51 +145,57 @@ func (c *client) takeLocked(out net.Buffers) (net.Buffers, bool) {
 	out = append(out, c.queue...)
 	clear(c.queue)
 	c.queue, c.queued = c.queue[:0], 0
+	if cap(c.queue) > keptQueueCap {
+		c.queue = nil // a burst's backlog array is not kept for an idle client
+	}
 	final := c.closeCode != 0 && !c.closeSent
 	if final {
 		c.closeSent = true
 		out = append(out, closeFrame(c.closeCode))
 	}
-	if len(out) == 0 {
-		c.queue = nil // an idle client holds no buffer
-	}
 	return out, final
 }
+
+// keptQueueCap is the largest queue array an idle client keeps, so that the
+// usual one or two frames per flush are queued without allocating.
+const keptQueueCap = 4
 
 // flush writes everything queued in one system call that does not block,
 // on the calling goroutine. Whatever the socket cannot take now is handed
 // to a writer goroutine, so a client costs a goroutine only while it is
 // behind. Safe from any goroutine; a flush while another goroutine writes
 // leaves the queue to that one.
-func (c *client) flush() {
+func (c *client) flush(scratch net.Buffers) net.Buffers {
 	c.mu.Lock()
 	if c.writing || c.conn == nil {
 		c.mu.Unlock()
-		return
+		return scratch
 	}
 	c.writing = true
 	for {
-		out, final := c.takeLocked(nil)
+		out, final := c.takeLocked(scratch[:0])
+		scratch = out[:0]
 		if len(out) == 0 {
 			c.writing = false
 			c.mu.Unlock()
-			return
+			return scratch
 		}
 		c.mu.Unlock()
 		rest, err := c.conn.tryWrite(out)
 		switch {
 		case err == nil && final:
 			c.finish(nil)
-			return
 		case err == nil:
+			clear(out)
 			c.mu.Lock()
 			continue
 		case errors.Is(err, errWouldBlock):
-			go c.writeLoop(rest, final)
+			go c.writeLoop(slices.Clone(rest), final)
 		default:
 			c.finish(err)
 		}
-		return
+		clear(out)
+		return scratch
 	}
 }
 
@@ -359,9 +366,13 @@ type rawConn struct {
 	raw      syscall.RawConn // nil where there is no socket to write to directly (TLS)
 	lastRead atomic.Int64    // unix nanos of the last read that returned data
 
-	wmu    sync.Mutex
-	corked bool   // holding writes back until uncork
-	held   []byte // what was written while corked
+	wmu       sync.Mutex
+	pending   []byte // tryWrite's data, result and system call, under wmu
+	written   int
+	writeErr  error
+	writeOnce func(fd uintptr) bool
+	corked    bool   // holding writes back until uncork
+	held      []byte // what was written while corked
 }
 
 // uncork sends what the handshake wrote. Until then the client has not seen
@@ -441,16 +452,10 @@ func (c *rawConn) tryWrite(frames net.Buffers) (net.Buffers, error) {
 		data = *bp
 		defer func() { *bp = (*bp)[:0] }()
 	}
-	var n int
-	var werr error
-	err := c.raw.Write(func(fd uintptr) bool {
-		for {
-			n, werr = syscall.Write(int(fd), data)
-			if werr != syscall.EINTR {
-				return true // done, whatever happened: this write never waits
-			}
-		}
-	})
+	c.pending = data
+	err := c.raw.Write(c.writeOnce)
+	n, werr := c.written, c.writeErr
+	c.pending, c.writeErr = nil, nil
 	if err == nil {
 		err = werr
 	}
@@ -464,6 +469,17 @@ func (c *rawConn) tryWrite(frames net.Buffers) (net.Buffers, error) {
 		return rest, errWouldBlock
 	}
 	return nil, nil
+}
+
+// write is tryWrite's system call. Its method value, made once per
+// connection as writeOnce, lets a write allocate no closure.
+func (c *rawConn) write(fd uintptr) bool {
+	for {
+		c.written, c.writeErr = syscall.Write(int(fd), c.pending)
+		if c.writeErr != syscall.EINTR {
+			return true // done, whatever happened: this write never waits
+		}
+	}
 }
 
 // advance drops the first n bytes of frames. The frames' bytes, shared
@@ -527,6 +543,7 @@ func (w *upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 		tcp.SetWriteBuffer(socketSendBuffer)
 	}
 	w.conn = &rawConn{Conn: nc, corked: true}
+	w.conn.writeOnce = w.conn.write
 	w.conn.lastRead.Store(time.Now().UnixNano())
 	if tcp, ok := nc.(*net.TCPConn); ok {
 		w.conn.raw, _ = tcp.SyscallConn()

@@ -510,12 +510,14 @@ func upgrade(d *deps, c *client, w http.ResponseWriter, r *http.Request, since i
 		return
 	}
 	c.attach(conn)
+	// Logged here, not by the reader: formatting a log line takes more stack
+	// than reading does, and a goroutine's stack stays as large as it grew.
+	d.log.Info("websocket open", "user", c.user, "remote", r.RemoteAddr)
 	go serveSocket(d, c, ws, conn, r.RemoteAddr)
 }
 
 // serveSocket reads the socket until it closes, then releases it.
 func serveSocket(d *deps, c *client, ws *websocket.Conn, conn *rawConn, remote string) {
-	d.log.Info("websocket open", "user", c.user, "remote", remote)
 	c.readLoop(ws, chatHandler(d, c))
 	conn.shut()
 	d.sessions.CloseSocket(c.session)

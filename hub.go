@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"log/slog"
+	"net"
 	"slices"
 	"sort"
 	"strings"
@@ -31,6 +32,7 @@ type Hub struct {
 
 	clients map[string]*client // by lower-case user name, reserved or active
 	dirty   []*client          // clients with frames queued since the last flush
+	scratch net.Buffers        // reused by flush, so that a write allocates nothing
 	recent  []Message          // newest stored messages, ascending id
 	frames  map[int64][]byte   // cached history frames of recent, by id
 	lastID  int64              // highest message id ever stored
@@ -317,7 +319,7 @@ func (h *Hub) markDirty(c *client) {
 func (h *Hub) flush() {
 	for _, c := range h.dirty {
 		c.dirty = false
-		c.flush()
+		h.scratch = c.flush(h.scratch)
 	}
 	clear(h.dirty)
 	h.dirty = h.dirty[:0]
