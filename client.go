@@ -371,8 +371,21 @@ type rawConn struct {
 	written   int
 	writeErr  error
 	writeOnce func(fd uintptr) bool
-	corked    bool   // holding writes back until uncork
-	held      []byte // what was written while corked
+	corked    bool // holding writes back until uncork
+	// oneFramePerWrite turns coalescing off, for comparing against it.
+	oneFramePerWrite bool
+	held             []byte // what was written while corked
+}
+
+// newRawConn wraps a hijacked connection; it starts corked.
+func newRawConn(nc net.Conn, oneFramePerWrite bool) *rawConn {
+	c := &rawConn{Conn: nc, corked: true, oneFramePerWrite: oneFramePerWrite}
+	c.writeOnce = c.write
+	c.lastRead.Store(time.Now().UnixNano())
+	if tcp, ok := nc.(*net.TCPConn); ok {
+		c.raw, _ = tcp.SyscallConn()
+	}
+	return c
 }
 
 // uncork sends what the handshake wrote. Until then the client has not seen
@@ -442,6 +455,20 @@ func (c *rawConn) tryWrite(frames net.Buffers) (net.Buffers, error) {
 	}
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
+	if c.oneFramePerWrite {
+		for len(frames) > 0 {
+			if rest, err := c.writeNow(frames[:1]); err != nil {
+				return append(rest, frames[1:]...), err
+			}
+			frames = frames[1:]
+		}
+		return nil, nil
+	}
+	return c.writeNow(frames)
+}
+
+// writeNow is tryWrite for frames in one write(), under wmu.
+func (c *rawConn) writeNow(frames net.Buffers) (net.Buffers, error) {
 	data := frames[0]
 	if len(frames) > 1 {
 		bp := joinBuffers.Get().(*[]byte)
@@ -501,6 +528,16 @@ func (c *rawConn) writeFrames(frames *net.Buffers, timeout time.Duration) error 
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	defer c.setWriteDeadline(timeout)()
+	if c.oneFramePerWrite {
+		for len(*frames) > 0 {
+			n, err := c.Conn.Write((*frames)[0])
+			*frames = advance(*frames, n)
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	if _, ok := c.Conn.(*net.TCPConn); ok {
 		_, err := frames.WriteTo(c.Conn)
 		return err
@@ -529,7 +566,8 @@ func (c *rawConn) closeWrite() {
 // the writer's only ever holds the handshake or a control frame.
 type upgradeWriter struct {
 	http.ResponseWriter
-	conn *rawConn
+	oneFramePerWrite bool
+	conn             *rawConn
 }
 
 const readBufferSize = 512
@@ -542,12 +580,7 @@ func (w *upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if tcp, ok := nc.(*net.TCPConn); ok {
 		tcp.SetWriteBuffer(socketSendBuffer)
 	}
-	w.conn = &rawConn{Conn: nc, corked: true}
-	w.conn.writeOnce = w.conn.write
-	w.conn.lastRead.Store(time.Now().UnixNano())
-	if tcp, ok := nc.(*net.TCPConn); ok {
-		w.conn.raw, _ = tcp.SyscallConn()
-	}
+	w.conn = newRawConn(nc, w.oneFramePerWrite)
 	var r io.Reader = w.conn
 	if n := brw.Reader.Buffered(); n > 0 {
 		early, _ := brw.Reader.Peek(n)

@@ -479,7 +479,7 @@ func handleWebSocket(d *deps) http.Handler {
 // buffers are freed: an idle socket costs only its reader goroutine, its
 // client and small buffers.
 func upgrade(d *deps, c *client, w http.ResponseWriter, r *http.Request, since int64) {
-	uw := &upgradeWriter{ResponseWriter: w}
+	uw := &upgradeWriter{ResponseWriter: w, oneFramePerWrite: !d.cfg.CoalesceWrites}
 	hr := handshakeRequest(r)
 	var ws *websocket.Conn
 	websocket.Server{

@@ -3,8 +3,11 @@ package main
 import (
 	"encoding/json"
 	"fmt"
+	"io"
+	"log/slog"
 	"net"
 	"net/http"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -466,5 +469,102 @@ func TestLibraryClientInteroperates(t *testing.T) {
 	}
 	if f := peer.nextWhere(isChat); f["message"] != "via x/net" || f["author"] != "Lib" {
 		t.Fatalf("peer got %v", f)
+	}
+}
+
+// benchHub returns a hub with n active clients on real loopback sockets
+// whose peers read and discard everything.
+func benchHub(b *testing.B, n int, oneFramePerWrite bool) *Hub {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	h := NewHub(HubConfig{MaxConns: n}, nil, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	for i := range n {
+		peer, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		go io.Copy(io.Discard, peer)
+		nc, err := ln.Accept()
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.Cleanup(func() { nc.Close(); peer.Close() })
+		conn := newRawConn(nc, oneFramePerWrite)
+		conn.uncork()
+		c := newClient(h, fmt.Sprintf("user%d", i), "")
+		c.attach(conn)
+		c.active = true
+		h.clients[c.user] = c
+	}
+	return h
+}
+
+// BenchmarkBroadcast is the hub's delivery path: encode nothing (the frame
+// is ready), queue it for 200 clients, flush. With several messages per
+// flush, as when the hub is busy, each client gets them in one write.
+// Compare ns/delivery across the sub-benchmarks of one run.
+func BenchmarkBroadcast(b *testing.B) {
+	frame := messageFrame(Message{ID: 1, Author: "bench", Text: strings.Repeat("x", 300), Time: time.Now()}, false)
+	for _, bc := range []struct {
+		name     string
+		perFlush int
+		oneEach  bool
+	}{
+		{"1msg-per-flush", 1, false},
+		{"16msgs-per-flush", 16, false},
+		{"16msgs-per-flush-one-write-each", 16, true},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			const clients = 200
+			h := benchHub(b, clients, bc.oneEach)
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i += bc.perFlush {
+				for range bc.perFlush {
+					h.broadcast(frame, nil)
+				}
+				h.flush()
+			}
+			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/clients, "ns/delivery")
+		})
+	}
+}
+
+func TestGoroutinesReturnToIdleAfterClientsLeave(t *testing.T) {
+	s := startServer(t)
+	cookies := make([]*http.Cookie, 40)
+	for i := range cookies {
+		cookies[i] = s.user(t, fmt.Sprintf("flat%d", i))
+	}
+	http.DefaultClient.CloseIdleConnections()
+	settle := func() int {
+		n := runtime.NumGoroutine()
+		for range 50 {
+			time.Sleep(100 * time.Millisecond)
+			n = min(n, runtime.NumGoroutine())
+		}
+		return n
+	}
+	idle := settle()
+	var conns []*wsConn
+	for _, c := range cookies {
+		conns = append(conns, s.connect(t, c))
+	}
+	for i, ws := range conns[:10] {
+		sendAndAck(t, ws, fmt.Sprintf("hello %d", i))
+	}
+	for _, ws := range conns {
+		ws.close()
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for runtime.NumGoroutine() > idle {
+		if time.Now().After(deadline) {
+			buf := make([]byte, 1<<20)
+			t.Fatalf("%d goroutines, %d before the clients came:\n%s", runtime.NumGoroutine(), idle, buf[:runtime.Stack(buf, true)])
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -38,6 +38,7 @@ type config struct {
 	TLSKey         string
 	AllowedOrigins map[string]bool
 	PingInterval   time.Duration
+	CoalesceWrites bool
 
 	MsgRate        float64
 	MsgBurst       int
@@ -63,6 +64,7 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 	fs.StringVar(&cfg.TLSKey, "tls-key", "", "TLS private key file")
 	origins := fs.String("allowed-origins", "", "comma-separated extra origins allowed to open the WebSocket")
 	fs.DurationVar(&cfg.PingInterval, "ping-interval", 30*time.Second, "how often sockets are pinged; one silent for twice this is dropped")
+	fs.BoolVar(&cfg.CoalesceWrites, "coalesce-writes", true, "send all frames queued for a socket in one write (false: one write per frame, for comparison)")
 	fs.Float64Var(&cfg.MsgRate, "msg-rate", 5, "chat messages per second per user, refill rate (0: no limit)")
 	fs.IntVar(&cfg.MsgBurst, "msg-burst", 10, "chat messages a user may send at once")
 	fs.Float64Var(&cfg.AuthRate, "auth-rate", 1, "registrations and logins per second per client IP, refill rate (0: no limit)")
