@@ -46,6 +46,12 @@ var schema = []string{
 		created_at INTEGER NOT NULL
 	)`,
 	`CREATE INDEX messages_created_at ON messages(created_at)`,
+	// Only a hash of each session id; see sessions.go.
+	`CREATE TABLE sessions (
+		key       BLOB PRIMARY KEY,
+		username  TEXT NOT NULL,
+		last_used INTEGER NOT NULL
+	) WITHOUT ROWID`,
 }
 
 // Message is one stored chat message.
@@ -414,4 +420,71 @@ func (s *Store) DeleteMessagesBefore(ctx context.Context, cutoff time.Time, batc
 			return total, maxID, nil
 		}
 	}
+}
+
+// SaveSession stores a new session, durably.
+func (s *Store) SaveSession(ctx context.Context, key []byte, user string, lastUsed time.Time) error {
+	return s.write(ctx, func(tx *sql.Tx) error {
+		_, err := tx.Exec(`INSERT OR REPLACE INTO sessions(key, username, last_used) VALUES(?, ?, ?)`,
+			key, user, lastUsed.UnixNano())
+		return err
+	})
+}
+
+// DeleteSession removes a session.
+func (s *Store) DeleteSession(ctx context.Context, key []byte) error {
+	return s.write(ctx, func(tx *sql.Tx) error {
+		_, err := tx.Exec(`DELETE FROM sessions WHERE key = ?`, key)
+		return err
+	})
+}
+
+// TouchSessions records the last use of sessions, keyed by session key.
+func (s *Store) TouchSessions(ctx context.Context, used map[string]time.Time) error {
+	if len(used) == 0 {
+		return nil
+	}
+	return s.write(ctx, func(tx *sql.Tx) error {
+		stmt, err := tx.Prepare(`UPDATE sessions SET last_used = max(last_used, ?) WHERE key = ?`)
+		if err != nil {
+			return err
+		}
+		defer stmt.Close()
+		for key, at := range used {
+			if _, err := stmt.Exec(at.UnixNano(), []byte(key)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// DeleteSessionsBefore removes sessions last used before cutoff.
+func (s *Store) DeleteSessionsBefore(ctx context.Context, cutoff time.Time) error {
+	return s.write(ctx, func(tx *sql.Tx) error {
+		_, err := tx.Exec(`DELETE FROM sessions WHERE last_used < ?`, cutoff.UnixNano())
+		return err
+	})
+}
+
+// LoadSessions calls each for every session last used at or after since.
+func (s *Store) LoadSessions(ctx context.Context, since time.Time, each func(key []byte, user string, lastUsed time.Time)) error {
+	rows, err := s.db.QueryContext(ctx, `SELECT key, username, last_used FROM sessions WHERE last_used >= ?`, since.UnixNano())
+	if err != nil {
+		return fmt.Errorf("load sessions: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var key []byte
+		var user string
+		var nanos int64
+		if err := rows.Scan(&key, &user, &nanos); err != nil {
+			return fmt.Errorf("load sessions: %w", err)
+		}
+		each(key, user, time.Unix(0, nanos))
+	}
+	if err := rows.Err(); err != nil {
+		return fmt.Errorf("load sessions: %w", err)
+	}
+	return nil
 }

@@ -3,13 +3,16 @@ package main
 import (
 	"bytes"
 	"context"
+	"embed"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"mime"
 	"net/http"
 	"net/url"
+	"path"
 	"strconv"
 	"strings"
 	"time"
@@ -36,15 +39,58 @@ func routes(d *deps) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("POST /api/register", limitAuth(d, handleRegister(d.store, d.log)))
 	mux.Handle("POST /api/login", limitAuth(d, handleLogin(d.store, d.sessions, d.cfg.SessionTTL, d.log)))
-	mux.Handle("GET /api/logout", handleLogout(d.sessions, d.hub))
-	mux.Handle("POST /api/logout", handleLogout(d.sessions, d.hub))
+	mux.Handle("GET /api/logout", handleLogout(d.sessions, d.hub, d.log))
+	mux.Handle("POST /api/logout", handleLogout(d.sessions, d.hub, d.log))
 	mux.Handle("GET /api/online", handleOnline(d.sessions, d.hub, d.cfg.SessionTTL))
 	mux.Handle("GET /api/user/@me", handleMe(d.sessions, d.hub, d.cfg.SessionTTL))
 	mux.Handle("GET /api/user/{name}", handleUser(d.store, d.sessions, d.hub, d.cfg.SessionTTL, d.log))
 	mux.Handle("GET /api/messages", handleMessages(d.store, d.sessions, d.cfg.SessionTTL, d.log))
 	mux.Handle("GET /healthz", handleHealth(d.store, d.log))
 	mux.Handle("GET /ws", handleWebSocket(d))
+	mux.Handle("GET /{$}", handleStatic("index.html"))
+	mux.Handle("GET /app.js", handleStatic("app.js"))
+	mux.Handle("GET /style.css", handleStatic("style.css"))
 	return jsonErrors(mux)
+}
+
+// webFiles is the web client, built into the binary.
+//
+//go:embed web
+var webFiles embed.FS
+
+// handleStatic serves one file of the web client with headers that keep
+// the page to its own origin: scripts, styles, fetches and the WebSocket.
+func handleStatic(name string) http.Handler {
+	body, err := webFiles.ReadFile("web/" + name)
+	if err != nil {
+		panic(err) // the file is embedded at build time; missing means a broken build
+	}
+	ctype := mime.TypeByExtension(path.Ext(name))
+	modified := time.Now()
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		h.Set("Content-Type", ctype)
+		h.Set("Content-Security-Policy", contentSecurityPolicy(r))
+		h.Set("X-Content-Type-Options", "nosniff")
+		h.Set("Referrer-Policy", "no-referrer")
+		h.Set("Cache-Control", "no-cache")
+		http.ServeContent(w, r, name, modified, bytes.NewReader(body))
+	})
+}
+
+// contentSecurityPolicy allows the page's own origin only, and its
+// WebSocket, named in full because not every browser counts ws: as 'self'.
+func contentSecurityPolicy(r *http.Request) string {
+	host := r.Host
+	if h := firstHeaderValue(r, "X-Forwarded-Host"); h != "" {
+		host = h
+	}
+	ws := "ws://" + host
+	if requestScheme(r) == "https" {
+		ws = "wss://" + host
+	}
+	return "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; " +
+		"connect-src 'self' " + ws + "; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 }
 
 // jsonErrors rewrites the plain-text 404 and 405 responses of mux.
@@ -212,7 +258,7 @@ func handleLogin(store *Store, sessions *Sessions, ttl time.Duration, log *slog.
 			internalError(w, log, r, err)
 			return
 		}
-		sid, err := sessions.Create(user)
+		sid, err := sessions.Create(r.Context(), user)
 		if err != nil {
 			internalError(w, log, r, err)
 			return
@@ -222,13 +268,16 @@ func handleLogin(store *Store, sessions *Sessions, ttl time.Duration, log *slog.
 	})
 }
 
-func handleLogout(sessions *Sessions, hub *Hub) http.Handler {
+func handleLogout(sessions *Sessions, hub *Hub, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if cookie, err := r.Cookie(sessionCookie); err == nil {
 			if user, ok := sessions.Lookup(cookie.Value); ok {
 				hub.Logout(user, cookie.Value)
 			}
-			sessions.Delete(cookie.Value)
+			if err := sessions.Delete(r.Context(), cookie.Value); err != nil {
+				internalError(w, log, r, err)
+				return
+			}
 		}
 		setSessionCookie(w, r, "", 0)
 		writeJSON(w, http.StatusOK, struct{}{})

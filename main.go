@@ -187,18 +187,22 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		return err
 	}
 
+	sessions := NewSessions(cfg.SessionTTL, store)
+	if err := sessions.Load(context.Background()); err != nil {
+		return err
+	}
 	bg, stopBackground := context.WithCancel(context.Background())
 	defer stopBackground()
 	d := &deps{
 		cfg:      cfg,
 		log:      log,
 		store:    store,
-		sessions: NewSessions(cfg.SessionTTL),
+		sessions: sessions,
 		hub:      hub,
 		authRate: newRateLimiter(cfg.AuthRate, cfg.AuthBurst),
 		msgRate:  newRateLimiter(cfg.MsgRate, cfg.MsgBurst),
 	}
-	go d.sessions.RunCleanup(bg, min(cfg.SessionTTL, time.Minute))
+	go d.sessions.RunCleanup(bg, min(cfg.SessionTTL, time.Minute), func(err error) { log.Error("sessions", "err", err) })
 	go d.authRate.RunCleanup(bg, time.Minute)
 	go d.msgRate.RunCleanup(bg, time.Minute)
 	go runRetention(bg, store, hub, cfg.HistoryKeep, log)
@@ -239,6 +243,9 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		log.Warn("requests still running at shutdown", "err", err)
 	}
 	stopBackground()
+	if err := sessions.Flush(context.Background()); err != nil {
+		log.Error("sessions", "err", err)
+	}
 	if err := store.Close(); err != nil {
 		return fmt.Errorf("close db: %w", err)
 	}

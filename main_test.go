@@ -582,3 +582,38 @@ func postJSON(url, body string) (response, error) {
 	json.Unmarshal(raw, &r.body)
 	return r, nil
 }
+
+func TestSessionsSurviveRestartButNotLogout(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "chat.db")
+	s := startServer(t, "-db", db)
+	kept := s.user(t, "Kept")
+	gone := s.user(t, "Gone")
+	s.request(t, "GET", "/api/logout", "", gone).expect(t, 200)
+	if err := s.stop(); err != nil {
+		t.Fatal(err)
+	}
+	s = startServer(t, "-db", db)
+	if r := s.request(t, "GET", "/api/user/@me", "", kept).expect(t, 200); r.body["username"] != "Kept" {
+		t.Fatalf("session after restart: %s", r.raw)
+	}
+	s.request(t, "GET", "/api/user/@me", "", gone).expect(t, 401)
+	ws := s.connect(t, kept)
+	ws.close()
+}
+
+func TestSessionSurvivesKill9AndExpiresAcrossRestarts(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "chat.db")
+	p := startProcess(t, "-db", db, "-session-ttl", "2s")
+	s := p.asServer(t)
+	cookie := s.user(t, "Phoenix")
+	p.cmd.Process.Kill()
+	p.wait(t, 10*time.Second)
+	s2 := startServer(t, "-db", db, "-session-ttl", "2s")
+	s2.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 200)
+	if err := s2.stop(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2500 * time.Millisecond)
+	s3 := startServer(t, "-db", db, "-session-ttl", "2s")
+	s3.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 401)
+}

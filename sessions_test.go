@@ -1,15 +1,17 @@
 package main
 
 import (
+	"context"
 	"math/rand/v2"
 	"testing"
 	"time"
 )
 
 func TestSessionsExpireAndSweep(t *testing.T) {
-	s := NewSessions(50 * time.Millisecond)
-	idle, _ := s.Create("idle")
-	pinned, _ := s.Create("pinned")
+	ctx := context.Background()
+	s := NewSessions(50*time.Millisecond, nil)
+	idle, _ := s.Create(ctx, "idle")
+	pinned, _ := s.Create(ctx, "pinned")
 	if !s.OpenSocket(pinned) {
 		t.Fatal("OpenSocket on a live session failed")
 	}
@@ -22,7 +24,7 @@ func TestSessionsExpireAndSweep(t *testing.T) {
 	}
 	s.CloseSocket(pinned)
 	time.Sleep(80 * time.Millisecond)
-	s.sweep(time.Now())
+	s.sweep(ctx, time.Now())
 	if n := s.Len(); n != 0 {
 		t.Fatalf("%d sessions left after sweep, want 0", n)
 	}
@@ -31,10 +33,10 @@ func TestSessionsExpireAndSweep(t *testing.T) {
 // BenchmarkSessionLookup is the lookup every authenticated request makes,
 // from all cores at once, among 10,000 sessions.
 func BenchmarkSessionLookup(b *testing.B) {
-	s := NewSessions(time.Hour)
+	s := NewSessions(time.Hour, nil)
 	ids := make([]string, 10000)
 	for i := range ids {
-		ids[i], _ = s.Create("user")
+		ids[i], _ = s.Create(context.Background(), "user")
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
