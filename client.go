@@ -67,6 +67,7 @@ type client struct {
 	writing   bool     // some goroutine owns the write side of conn
 	closeCode int      // non-zero once closing: the code to send
 	closeSent bool
+	deaf      bool          // discards frames: the peer is gone or going
 	finished  chan struct{} // closed when writing is over for good
 
 	dirty bool // has frames the hub has not flushed yet; hub goroutine only
@@ -82,15 +83,31 @@ func newClient(hub *Hub, user, session string) *client {
 func (c *client) enqueue(frame []byte) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closeCode != 0 {
+	if c.closeCode != 0 || c.deaf {
 		return true
 	}
-	if c.queued+len(frame) > maxQueueBytes {
+	// A queued frame costs its slot too: frames are shared, slots are not.
+	cost := len(frame) + queueSlotBytes
+	if c.queued+cost > maxQueueBytes {
 		return false
 	}
 	c.queue = append(c.queue, frame)
-	c.queued += len(frame)
+	c.queued += cost
 	return true
+}
+
+// queueSlotBytes is the size of one queue entry (a slice header).
+const queueSlotBytes = 24
+
+// stopListening makes c discard what is sent to it from now on: its peer is
+// gone or going, and frames queued meanwhile (a busy hub may take a while to
+// hear it left) would only pile up.
+func (c *client) stopListening() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.deaf = true
+	clear(c.queue)
+	c.queue, c.queued = nil, 0
 }
 
 // send queues frame and flushes, for goroutines other than the hub's.
@@ -248,6 +265,7 @@ func (c *client) writeLoop(out net.Buffers, final bool) {
 // and wait briefly for the peer's; after a failed write, cut the connection.
 func (c *client) finish(err error) {
 	if err != nil {
+		c.stopListening()
 		c.conn.shut()
 	} else {
 		c.conn.closeWrite()
@@ -276,6 +294,7 @@ func (c *client) readLoop(ws *websocket.Conn, handle func(text []byte, binary bo
 	}
 	// Unregister before the close frame answers the peer's, so a client
 	// that reconnects the moment it sees it finds its slot free.
+	c.stopListening()
 	c.hub.Leave(c)
 	c.close(closeNormal)
 	select {

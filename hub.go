@@ -30,13 +30,14 @@ type Hub struct {
 	quit      chan int // carries the close code for every client
 	done      chan struct{}
 
-	clients map[string]*client // by lower-case user name, reserved or active
-	dirty   []*client          // clients with frames queued since the last flush
-	scratch net.Buffers        // reused by flush, so that a write allocates nothing
-	recent  []Message          // newest stored messages, ascending id
-	frames  map[int64][]byte   // cached history frames of recent, by id
-	lastID  int64              // highest message id ever stored
-	closing bool               // shutting down: refuse new clients
+	clients          map[string]*client // by lower-case user name, reserved or active
+	dirty            []*client          // clients with frames queued since the last flush
+	scratch          net.Buffers        // reused by flush, so that a write allocates nothing
+	queuedSinceFlush int
+	recent           []Message        // newest stored messages, ascending id
+	frames           map[int64][]byte // cached history frames of recent, by id
+	lastID           int64            // highest message id ever stored
+	closing          bool             // shutting down: refuse new clients
 }
 
 // HubConfig holds the limits a Hub enforces.
@@ -143,9 +144,14 @@ func (h *Hub) Run() {
 // drain handles the frequent events already waiting, up to a bound that
 // keeps the first of them from waiting long for its flush. Handling them
 // all before flushing is what lets a busy hub send many frames per system
-// call: a burst of messages or joins reaches each client in one write.
+// call: a burst of messages or joins reaches each client in one write. The
+// bound counts deliveries too, so that a storm of events in a full room
+// (ten thousand leaving at once) does not pile up in every queue at once.
 func (h *Hub) drain() {
 	for range maxBatch {
+		if h.queuedSinceFlush >= flushBudget {
+			return
+		}
 		select {
 		case r := <-h.activate:
 			h.onActivate(r)
@@ -307,7 +313,11 @@ func (h *Hub) deliver(c *client, frame []byte) {
 	h.markDirty(c)
 }
 
+// flushBudget is how many deliveries the hub queues before it flushes.
+const flushBudget = 1 << 15
+
 func (h *Hub) markDirty(c *client) {
+	h.queuedSinceFlush++
 	if !c.dirty {
 		c.dirty = true
 		h.dirty = append(h.dirty, c)
@@ -323,6 +333,7 @@ func (h *Hub) flush() {
 	}
 	clear(h.dirty)
 	h.dirty = h.dirty[:0]
+	h.queuedSinceFlush = 0
 }
 
 // remove takes c out of the set, tells the others it left and, when code is

@@ -452,6 +452,14 @@ func idle(o options, prefix string) error {
 	before := sampleProc(o.pid)
 	conns := make([]*websocket.Conn, o.idle)
 	var rwg sync.WaitGroup
+	closeAll := func() {
+		for _, c := range conns {
+			if c != nil {
+				c.Close()
+			}
+		}
+		rwg.Wait()
+	}
 	err := accounts(o, prefix, o.idle, func(i int, ws *websocket.Conn) {
 		conns[i] = ws
 		rwg.Add(1)
@@ -462,24 +470,21 @@ func idle(o options, prefix string) error {
 			}
 		}()
 	})
-	defer func() {
-		for _, c := range conns {
-			if c != nil {
-				c.Close()
-			}
-		}
-		rwg.Wait()
-	}()
 	if err != nil {
+		closeAll()
 		return err
 	}
 	time.Sleep(3 * time.Second) // let the server settle after the burst
+	held := sampleProc(o.pid)
+	closeAll()
+	time.Sleep(10 * time.Second)
 	after := sampleProc(o.pid)
 	fmt.Printf("idle: %d connected clients that only listen\n", o.idle)
 	if o.pid != 0 {
-		per := float64(after.rss-before.rss) / float64(o.idle)
-		fmt.Printf("  %-32s %10.1f MiB -> %.1f MiB\n", "server RSS", float64(before.rss)/(1<<20), float64(after.rss)/(1<<20))
+		per := float64(held.rss-before.rss) / float64(o.idle)
+		fmt.Printf("  %-32s %10.1f MiB -> %.1f MiB\n", "server RSS", float64(before.rss)/(1<<20), float64(held.rss)/(1<<20))
 		fmt.Printf("  %-32s %10.1f KiB\n", "server RSS per connection", per/1024)
+		fmt.Printf("  %-32s %10.1f MiB\n", "server RSS 10 s after they left", float64(after.rss)/(1<<20))
 	}
 	return nil
 }
