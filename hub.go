@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"log/slog"
 	"net"
+	"runtime/debug"
 	"slices"
 	"sort"
 	"strings"
@@ -34,6 +35,7 @@ type Hub struct {
 	dirty            []*client          // clients with frames queued since the last flush
 	scratch          net.Buffers        // reused by flush, so that a write allocates nothing
 	queuedSinceFlush int
+	peak             int              // most clients since memory was last released
 	recent           []Message        // newest stored messages, ascending id
 	frames           map[int64][]byte // cached history frames of recent, by id
 	lastID           int64            // highest message id ever stored
@@ -130,6 +132,7 @@ func (h *Hub) Run() {
 		case now := <-ping:
 			h.dropSilent(now)
 			h.broadcast(pingFrame, nil)
+			h.releaseMemoryAfterDrop()
 		case code := <-h.quit:
 			h.flush()
 			h.closeAll(code)
@@ -184,6 +187,7 @@ func (h *Hub) handleReserve(c *client) reserveResult {
 		return reserveFull
 	}
 	h.clients[key] = c
+	h.peak = max(h.peak, len(h.clients))
 	return reserved
 }
 
@@ -288,6 +292,20 @@ func (h *Hub) broadcast(frame []byte, except *client) {
 	}
 }
 
+// releaseMemoryAfterDrop hands memory back to the system once most of a
+// large crowd has left. Go keeps freed heap for reuse and returns it slowly,
+// and nothing allocates to prompt it when the room has gone quiet; on a
+// small VPS, the memory of yesterday's peak is better given back.
+func (h *Hub) releaseMemoryAfterDrop() {
+	if h.peak >= releaseAfterPeak && len(h.clients) < h.peak/4 {
+		go debug.FreeOSMemory()
+		h.peak = len(h.clients)
+	}
+}
+
+// releaseAfterPeak is the crowd below which a drop is not worth a GC.
+const releaseAfterPeak = 1000
+
 // dropSilent drops the clients that have sent nothing, not even a pong,
 // for two ping intervals: their peer is gone without a word (a half-open
 // connection) or has stopped reading.
@@ -314,7 +332,7 @@ func (h *Hub) deliver(c *client, frame []byte) {
 }
 
 // flushBudget is how many deliveries the hub queues before it flushes.
-const flushBudget = 1 << 15
+const flushBudget = 1 << 18
 
 func (h *Hub) markDirty(c *client) {
 	h.queuedSinceFlush++

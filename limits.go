@@ -64,22 +64,15 @@ func (l *rateLimiter) RunCleanup(ctx context.Context, interval time.Duration) {
 	if l.rate <= 0 {
 		return
 	}
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			l.mu.Lock()
-			for key, b := range l.buckets {
-				if b.tokens+now.Sub(b.last).Seconds()*l.rate >= l.burst {
-					delete(l.buckets, key)
-				}
+	every(ctx, interval, func(now time.Time) {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		for key, b := range l.buckets {
+			if b.tokens+now.Sub(b.last).Seconds()*l.rate >= l.burst {
+				delete(l.buckets, key)
 			}
-			l.mu.Unlock()
 		}
-	}
+	})
 }
 
 // limitAuth answers 429 with Retry-After when the client IP has used up

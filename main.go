@@ -273,21 +273,28 @@ func startHub(cfg config, store *Store, log *slog.Logger) (*Hub, error) {
 // runRetention deletes messages older than keep, waking every keep/10 but
 // at least once a minute.
 func runRetention(ctx context.Context, store *Store, hub *Hub, keep time.Duration, log *slog.Logger) {
-	t := time.NewTicker(max(min(keep/10, time.Minute), time.Millisecond))
+	every(ctx, max(min(keep/10, time.Minute), time.Millisecond), func(now time.Time) {
+		n, maxID, err := store.DeleteMessagesBefore(ctx, now.Add(-keep), 500)
+		if err != nil && ctx.Err() == nil {
+			log.Error("retention", "err", err)
+		}
+		if n > 0 {
+			hub.Forget(maxID)
+			log.Info("retention deleted old messages", "count", n)
+		}
+	})
+}
+
+// every calls f with the time every interval until ctx is done.
+func every(ctx context.Context, interval time.Duration, f func(now time.Time)) {
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case now := <-t.C:
-			n, maxID, err := store.DeleteMessagesBefore(ctx, now.Add(-keep), 500)
-			if err != nil && ctx.Err() == nil {
-				log.Error("retention", "err", err)
-			}
-			if n > 0 {
-				hub.Forget(maxID)
-				log.Info("retention deleted old messages", "count", n)
-			}
+			f(now)
 		}
 	}
 }

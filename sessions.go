@@ -157,18 +157,11 @@ func (s *Sessions) Len() int {
 // RunCleanup sweeps expired sessions and saves recent uses every interval
 // until ctx is done.
 func (s *Sessions) RunCleanup(ctx context.Context, interval time.Duration, onError func(error)) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case now := <-t.C:
-			if err := s.sweep(ctx, now); err != nil && ctx.Err() == nil {
-				onError(err)
-			}
+	every(ctx, interval, func(now time.Time) {
+		if err := s.sweep(ctx, now); err != nil && ctx.Err() == nil {
+			onError(err)
 		}
-	}
+	})
 }
 
 // sweep forgets expired sessions, saves the uses of the others (a session

@@ -479,12 +479,15 @@ func idle(o options, prefix string) error {
 	closeAll()
 	time.Sleep(10 * time.Second)
 	after := sampleProc(o.pid)
+	time.Sleep(50 * time.Second)
+	later := sampleProc(o.pid)
 	fmt.Printf("idle: %d connected clients that only listen\n", o.idle)
 	if o.pid != 0 {
 		per := float64(held.rss-before.rss) / float64(o.idle)
 		fmt.Printf("  %-32s %10.1f MiB -> %.1f MiB\n", "server RSS", float64(before.rss)/(1<<20), float64(held.rss)/(1<<20))
 		fmt.Printf("  %-32s %10.1f KiB\n", "server RSS per connection", per/1024)
-		fmt.Printf("  %-32s %10.1f MiB\n", "server RSS 10 s after they left", float64(after.rss)/(1<<20))
+		fmt.Printf("  %-32s %10.1f MiB, after 60 s %.1f MiB\n", "server RSS 10 s after they left",
+			float64(after.rss)/(1<<20), float64(later.rss)/(1<<20))
 	}
 	return nil
 }
