@@ -4,14 +4,21 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"net/http"
 	"os"
@@ -190,14 +197,21 @@ type wsConn struct {
 // dialOpts adjusts a WebSocket handshake.
 type dialOpts struct {
 	query   string
-	headers []string // name, value pairs
-	readBuf int      // SO_RCVBUF for the client socket, 0: default
+	headers []string    // name, value pairs
+	readBuf int         // SO_RCVBUF for the client socket, 0: default
+	tls     *tls.Config // dial wss: instead of ws:
 }
 
 // dialWS opens /ws. It returns the connection on 101, else the HTTP answer.
 func (s *testServer) dialWS(t testing.TB, cookie *http.Cookie, opts dialOpts) (*wsConn, response) {
 	t.Helper()
-	c, err := net.Dial("tcp", s.addr)
+	var c net.Conn
+	var err error
+	if opts.tls != nil {
+		c, err = tls.Dial("tcp", s.addr, opts.tls)
+	} else {
+		c, err = net.Dial("tcp", s.addr)
+	}
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -616,4 +630,77 @@ func TestSessionSurvivesKill9AndExpiresAcrossRestarts(t *testing.T) {
 	time.Sleep(2500 * time.Millisecond)
 	s3 := startServer(t, "-db", db, "-session-ttl", "2s")
 	s3.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 401)
+}
+
+// selfSignedCert writes a certificate and key for 127.0.0.1 and returns
+// their paths and a client config that trusts the certificate.
+func selfSignedCert(t *testing.T) (certFile, keyFile string, client *tls.Config) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1),
+		Subject:      pkix.Name{CommonName: "gochat test"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		IPAddresses:  []net.IP{net.ParseIP("127.0.0.1")},
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	certFile, keyFile = filepath.Join(dir, "cert.pem"), filepath.Join(dir, "key.pem")
+	os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600)
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return certFile, keyFile, &tls.Config{RootCAs: pool}
+}
+
+func TestDirectTLS(t *testing.T) {
+	certFile, keyFile, clientTLS := selfSignedCert(t)
+	s := startServer(t, "-tls-cert", certFile, "-tls-key", keyFile)
+	s.url = "https://" + s.addr
+	saved := http.DefaultClient.Transport
+	http.DefaultClient.Transport = &http.Transport{TLSClientConfig: clientTLS}
+	t.Cleanup(func() { http.DefaultClient.Transport = saved })
+
+	key := s.register(t, "Secure")
+	r := s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, key), nil).expect(t, 200)
+	cookie := sessionCookieOf(t, r.header)
+	if !cookie.Secure {
+		t.Fatalf("cookie over TLS is not Secure: %s", r.header.Get("Set-Cookie"))
+	}
+	other := s.user(t, "AlsoSecure")
+	a := s.connect(t, cookie, dialOpts{tls: clientTLS, headers: []string{"Origin", "https://" + s.addr}})
+	b := s.connect(t, other, dialOpts{tls: clientTLS})
+	a.nextWhere(isEvent("join", "AlsoSecure"))
+	// Over TLS every write takes the writer goroutine's path: check a burst.
+	for i := range 200 {
+		a.sendMessage(fmt.Sprintf("tls %d", i))
+	}
+	for i := range 200 {
+		if f := b.nextWhere(isChat); f["message"] != fmt.Sprintf("tls %d", i) {
+			t.Fatalf("message %d over wss: %v", i, f)
+		}
+	}
+	b.close()
+	a.nextWhere(isEvent("leave", "AlsoSecure"))
+	// A plain-HTTP origin is a different origin.
+	if ws, r := s.dialWS(t, cookie, dialOpts{tls: clientTLS, headers: []string{"Origin", "http://" + s.addr}}); ws != nil || r.status != 403 {
+		t.Fatalf("http origin against an https server: %d", r.status)
+	}
 }
