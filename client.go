@@ -1,7 +1,8 @@
-// One connected WebSocket: its outgoing queue and on-demand writer, and the
-// reader that the /ws handler runs for the life of the socket. It is its own
-// file because it is the seam between the hub's bookkeeping and the bytes on
-// the wire, where x/net/websocket needs working around (see rawConn).
+// One connected WebSocket: its outgoing queue, its writes (non-blocking from
+// the hub, or from a writer goroutine while it is behind) and its reader. It
+// is its own file because it is the seam between the hub's bookkeeping and
+// the bytes on the wire, where x/net/websocket needs working around (see
+// rawConn and upgradeWriter).
 
 package main
 
@@ -236,14 +237,9 @@ func (c *client) writeLoop(out net.Buffers, final bool) {
 		case isTimeout(err) && !final:
 			// Stalled: drop it now, then give what was half written and the
 			// close frame one more timeout to get through.
+			// (close only queues the close frame: this goroutine writes.)
 			c.hub.Leave(c)
-			c.mu.Lock()
-			if c.closeCode == 0 {
-				c.closeCode = closePolicyViolation
-				clear(c.queue)
-				c.queue, c.queued = nil, 0
-			}
-			c.mu.Unlock()
+			c.close(closePolicyViolation)
 		default:
 			c.finish(err)
 			return
@@ -273,8 +269,8 @@ func (c *client) finish(err error) {
 	close(c.finished)
 }
 
-// readLoop reads frames until the socket closes. It runs on the handler
-// goroutine, which x/net/websocket requires to live as long as the socket.
+// readLoop reads frames until the socket closes. It runs on the socket's own
+// goroutine, started once the handshake is done (see upgrade).
 func (c *client) readLoop(ws *websocket.Conn, handle func(text []byte, binary bool)) {
 	for {
 		var f inFrame

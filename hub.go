@@ -13,7 +13,7 @@ import (
 )
 
 // Hub owns the set of connected clients and the order of everything sent to
-// them. Only its goroutine (run) touches clients and recent, so every
+// them. Only its goroutine (Run) touches clients and recent, so every
 // receiver sees messages and events in the one order the hub handled them,
 // and a history replay can never miss or repeat a live message.
 type Hub struct {
