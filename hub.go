@@ -23,13 +23,9 @@ type Hub struct {
 	replayMax    int // messages replayed to a connect with ?since=
 	pingInterval time.Duration
 
-	reserve   chan reserveRequest
-	activate  chan activateRequest
-	leave     chan leaveRequest
-	published chan published
-	calls     chan func()
-	quit      chan int // carries the close code for every client
-	done      chan struct{}
+	work chan func() // everything the hub does for others, in arrival order
+	quit chan int    // carries the close code for every client
+	done chan struct{}
 
 	clients          map[string]*client // by lower-case user name, reserved or active
 	dirty            []*client          // clients with frames queued since the last flush
@@ -58,28 +54,6 @@ const (
 	reserveFull
 )
 
-type reserveRequest struct {
-	c     *client
-	reply chan reserveResult
-}
-
-type activateRequest struct {
-	c     *client
-	since int64 // -1: no ?since=, send the last History messages
-	done  chan struct{}
-}
-
-type leaveRequest struct {
-	c    *client
-	done chan struct{}
-}
-
-// published is a message the store committed; from is its sender.
-type published struct {
-	msg  Message
-	from *client
-}
-
 // NewHub returns a hub that replays the given stored messages (ascending id)
 // as history. lastID is the highest id ever handed out.
 func NewHub(cfg HubConfig, recent []Message, lastID int64, log *slog.Logger) *Hub {
@@ -89,11 +63,7 @@ func NewHub(cfg HubConfig, recent []Message, lastID int64, log *slog.Logger) *Hu
 		history:      cfg.History,
 		replayMax:    cfg.ReplayMax,
 		pingInterval: cfg.PingInterval,
-		reserve:      make(chan reserveRequest),
-		activate:     make(chan activateRequest),
-		leave:        make(chan leaveRequest),
-		published:    make(chan published, 1024),
-		calls:        make(chan func()),
+		work:         make(chan func(), 1024),
 		quit:         make(chan int),
 		done:         make(chan struct{}),
 		clients:      make(map[string]*client),
@@ -119,15 +89,7 @@ func (h *Hub) Run() {
 	}
 	for {
 		select {
-		case r := <-h.reserve:
-			r.reply <- h.handleReserve(r.c)
-		case r := <-h.activate:
-			h.onActivate(r)
-		case r := <-h.leave:
-			h.onLeave(r)
-		case p := <-h.published:
-			h.handlePublished(p)
-		case f := <-h.calls:
+		case f := <-h.work:
 			f()
 		case now := <-ping:
 			h.dropSilent(now)
@@ -144,38 +106,24 @@ func (h *Hub) Run() {
 	}
 }
 
-// drain handles the frequent events already waiting, up to a bound that
-// keeps the first of them from waiting long for its flush. Handling them
-// all before flushing is what lets a busy hub send many frames per system
-// call: a burst of messages or joins reaches each client in one write. The
-// bound counts deliveries too, so that a storm of events in a full room
-// (ten thousand leaving at once) does not pile up in every queue at once.
+// drain does the work already waiting, up to a bound that keeps the first
+// of it from waiting long for its flush. Doing it all before flushing is
+// what lets a busy hub send many frames per system call: a burst of
+// messages or joins reaches each client in one write. The bound counts
+// deliveries too, so that a storm of events in a full room (ten thousand
+// leaving at once) does not pile up in every queue at once.
 func (h *Hub) drain() {
 	for range maxBatch {
 		if h.queuedSinceFlush >= flushBudget {
 			return
 		}
 		select {
-		case r := <-h.activate:
-			h.onActivate(r)
-		case r := <-h.leave:
-			h.onLeave(r)
-		case p := <-h.published:
-			h.handlePublished(p)
+		case f := <-h.work:
+			f()
 		default:
 			return
 		}
 	}
-}
-
-func (h *Hub) onActivate(r activateRequest) {
-	h.handleActivate(r.c, r.since)
-	close(r.done)
-}
-
-func (h *Hub) onLeave(r leaveRequest) {
-	h.remove(r.c, 0)
-	close(r.done)
 }
 
 func (h *Hub) handleReserve(c *client) reserveResult {
@@ -240,13 +188,13 @@ func (h *Hub) historyFrame(m Message) []byte {
 	return f
 }
 
-func (h *Hub) handlePublished(p published) {
-	h.recent = append(h.recent, p.msg)
-	h.lastID = max(h.lastID, p.msg.ID)
+func (h *Hub) handlePublished(m Message, from *client) {
+	h.recent = append(h.recent, m)
+	h.lastID = max(h.lastID, m.ID)
 	h.trimRecent()
-	h.broadcast(messageFrame(p.msg, false), p.from)
-	if p.from.active {
-		h.deliver(p.from, ackFrame(p.msg.ID))
+	h.broadcast(messageFrame(m, false), from)
+	if from.active {
+		h.deliver(from, ackFrame(m.ID))
 	}
 }
 
@@ -365,10 +313,10 @@ func (h *Hub) remove(c *client, code int) {
 	if code != 0 {
 		c.close(code)
 	}
-	if c.active {
-		c.active = false
+	if c.active && !h.closing { // at shutdown everyone is leaving: no events
 		h.broadcast(eventFrame("leave", c.user), nil)
 	}
+	c.active = false
 }
 
 func (h *Hub) closeAll(code int) {
@@ -378,26 +326,11 @@ func (h *Hub) closeAll(code int) {
 	}
 }
 
-// waitForLeaves serves leave requests until every client has gone, so the
-// readers of closed sockets can finish. No leave events are sent: everyone
-// is going.
+// waitForLeaves keeps doing the hub's work until every client has gone, so
+// the readers of closed sockets can finish.
 func (h *Hub) waitForLeaves() {
 	for len(h.clients) > 0 {
-		select {
-		case r := <-h.leave:
-			if key := strings.ToLower(r.c.user); h.clients[key] == r.c {
-				delete(h.clients, key)
-			}
-			close(r.done)
-		case r := <-h.reserve:
-			r.reply <- reserveFull
-		case r := <-h.activate:
-			close(r.done)
-		case p := <-h.published:
-			h.handlePublished(p)
-		case f := <-h.calls:
-			f()
-		}
+		(<-h.work)()
 	}
 }
 
@@ -406,50 +339,41 @@ func (h *Hub) waitForLeaves() {
 func (h *Hub) call(f func()) bool {
 	done := make(chan struct{})
 	select {
-	case h.calls <- func() { f(); close(done) }:
-		<-done
-		return true
+	case h.work <- func() { f(); close(done) }:
 	case <-h.done:
+		return false
+	}
+	select {
+	case <-done:
+		return true
+	case <-h.done: // stopped with f still queued
 		return false
 	}
 }
 
 // Reserve claims the single socket slot of c.user.
 func (h *Hub) Reserve(c *client) reserveResult {
-	reply := make(chan reserveResult, 1)
-	select {
-	case h.reserve <- reserveRequest{c, reply}:
-		return <-reply
-	case <-h.done:
-		return reserveFull
-	}
+	result := reserveFull
+	h.call(func() { result = h.handleReserve(c) })
+	return result
 }
 
 // Activate starts delivering to a reserved client whose socket is open.
 func (h *Hub) Activate(c *client, since int64) {
-	done := make(chan struct{})
-	select {
-	case h.activate <- activateRequest{c, since, done}:
-		<-done
-	case <-h.done:
-	}
+	h.call(func() { h.handleActivate(c, since) })
 }
 
 // Leave removes c and returns once the others have been told. Closing the
 // socket is the caller's business.
 func (h *Hub) Leave(c *client) {
-	done := make(chan struct{})
-	select {
-	case h.leave <- leaveRequest{c, done}:
-		<-done
-	case <-h.done:
-	}
+	h.call(func() { h.remove(c, 0) })
 }
 
-// Publish hands a committed message to the hub for delivery.
+// Publish hands a committed message to the hub for delivery, without
+// waiting for it to be delivered.
 func (h *Hub) Publish(m Message, from *client) {
 	select {
-	case h.published <- published{m, from}:
+	case h.work <- func() { h.handlePublished(m, from) }:
 	case <-h.done:
 	}
 }
