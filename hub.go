@@ -96,6 +96,7 @@ func (h *Hub) Run() {
 			h.broadcast(pingFrame, nil)
 			h.releaseMemoryAfterDrop()
 		case code := <-h.quit:
+			h.announceShutdown()
 			h.flush()
 			h.closeAll(code)
 			h.waitForLeaves()
@@ -313,11 +314,27 @@ func (h *Hub) remove(c *client, code int) {
 	if code != 0 {
 		c.close(code)
 	}
-	if c.active && !h.closing { // at shutdown everyone is leaving: no events
+	if c.active && !h.closing { // at shutdown, announceShutdown told everyone
 		h.broadcast(eventFrame("leave", c.user), nil)
 	}
 	c.active = false
 }
+
+// announceShutdown tells every client that the others are leaving, before
+// their close frames. In a crowd that is a frame for every pair, so beyond
+// shutdownLeaveLimit clients the close frame alone says it.
+func (h *Hub) announceShutdown() {
+	if len(h.clients) > shutdownLeaveLimit {
+		return
+	}
+	for _, c := range h.clients {
+		if c.active {
+			h.broadcast(eventFrame("leave", c.user), c)
+		}
+	}
+}
+
+const shutdownLeaveLimit = 1000
 
 func (h *Hub) closeAll(code int) {
 	h.closing = true

@@ -405,16 +405,38 @@ func TestShutdownClosesSocketsWithGoingAway(t *testing.T) {
 	a := s.connect(t, s.user(t, "Uma"))
 	b := s.connect(t, s.user(t, "Vic"))
 	a.nextWhere(isEvent("join", "Vic"))
-	codes := make(chan int, 2)
-	for _, ws := range []*wsConn{a, b} {
-		go func() { codes <- ws.expectClose(10 * time.Second) }()
+	type ending struct {
+		sawLeave bool
+		code     int
+	}
+	endings := make(chan ending, 2)
+	for ws, other := range map[*wsConn]string{a: "Vic", b: "Uma"} {
+		go func() {
+			var e ending
+			for {
+				op, p, err := ws.readFrame(10 * time.Second)
+				if err != nil {
+					endings <- e
+					return
+				}
+				if op == opText && strings.Contains(string(p), `"leave"`) && strings.Contains(string(p), other) {
+					e.sawLeave = true
+				}
+				if op == opClose {
+					e.code = closeCodeOf(p)
+					ws.writeFrame(opClose, p)
+					endings <- e
+					return
+				}
+			}
+		}()
 	}
 	if err := s.stop(); err != nil {
 		t.Fatalf("serve returned %v", err)
 	}
 	for range 2 {
-		if code := <-codes; code != closeGoingAway {
-			t.Fatalf("close code %d, want %d", code, closeGoingAway)
+		if e := <-endings; e.code != closeGoingAway || !e.sawLeave {
+			t.Fatalf("close code %d (want %d), saw the other's leave first: %v", e.code, closeGoingAway, e.sawLeave)
 		}
 	}
 	if _, err := net.DialTimeout("tcp", s.addr, time.Second); err == nil {
