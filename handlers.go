@@ -116,7 +116,6 @@ func (e *errorRewriter) WriteHeader(status int) {
 		return
 	}
 	e.rewrote = true
-	e.Header().Del("X-Content-Type-Options")
 	writeError(e.ResponseWriter, status, strings.ToLower(http.StatusText(status)))
 }
 
@@ -542,20 +541,21 @@ func upgrade(d *deps, c *client, w http.ResponseWriter, r *http.Request, since i
 	}.ServeHTTP(uw, hr)
 	hr.Header = nil // read by the handshake, kept by ws for nothing
 	conn := uw.conn
-	if ws == nil {
+	abandon := func() {
+		d.hub.Leave(c)
 		if conn != nil {
 			conn.shut()
 		}
-		d.hub.Leave(c)
 		d.sessions.CloseSocket(c.session)
+	}
+	if ws == nil {
+		abandon()
 		return
 	}
 	ws.MaxPayloadBytes = maxFrameBytes
 	d.hub.Activate(c, since)
 	if err := conn.uncork(); err != nil {
-		d.hub.Leave(c)
-		conn.shut()
-		d.sessions.CloseSocket(c.session)
+		abandon()
 		return
 	}
 	c.attach(conn)
