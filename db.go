@@ -422,21 +422,23 @@ func (s *Store) DeleteMessagesBefore(ctx context.Context, cutoff time.Time, batc
 	}
 }
 
-// SaveSession stores a new session, durably.
-func (s *Store) SaveSession(ctx context.Context, key []byte, user string, lastUsed time.Time) error {
+// exec runs one statement in the next batch and waits for its commit.
+func (s *Store) exec(ctx context.Context, query string, args ...any) error {
 	return s.write(ctx, func(tx *sql.Tx) error {
-		_, err := tx.Exec(`INSERT OR REPLACE INTO sessions(key, username, last_used) VALUES(?, ?, ?)`,
-			key, user, lastUsed.UnixNano())
+		_, err := tx.Exec(query, args...)
 		return err
 	})
 }
 
+// SaveSession stores a new session, durably.
+func (s *Store) SaveSession(ctx context.Context, key []byte, user string, lastUsed time.Time) error {
+	return s.exec(ctx, `INSERT OR REPLACE INTO sessions(key, username, last_used) VALUES(?, ?, ?)`,
+		key, user, lastUsed.UnixNano())
+}
+
 // DeleteSession removes a session.
 func (s *Store) DeleteSession(ctx context.Context, key []byte) error {
-	return s.write(ctx, func(tx *sql.Tx) error {
-		_, err := tx.Exec(`DELETE FROM sessions WHERE key = ?`, key)
-		return err
-	})
+	return s.exec(ctx, `DELETE FROM sessions WHERE key = ?`, key)
 }
 
 // TouchSessions records the last use of sessions, keyed by session key.
@@ -461,10 +463,7 @@ func (s *Store) TouchSessions(ctx context.Context, used map[string]time.Time) er
 
 // DeleteSessionsBefore removes sessions last used before cutoff.
 func (s *Store) DeleteSessionsBefore(ctx context.Context, cutoff time.Time) error {
-	return s.write(ctx, func(tx *sql.Tx) error {
-		_, err := tx.Exec(`DELETE FROM sessions WHERE last_used < ?`, cutoff.UnixNano())
-		return err
-	})
+	return s.exec(ctx, `DELETE FROM sessions WHERE last_used < ?`, cutoff.UnixNano())
 }
 
 // LoadSessions calls each for every session last used at or after since.

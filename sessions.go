@@ -167,12 +167,8 @@ func (s *Sessions) RunCleanup(ctx context.Context, interval time.Duration, onErr
 // sweep forgets expired sessions, saves the uses of the others (a session
 // with an open socket counts as used now) and deletes expired rows.
 func (s *Sessions) sweep(ctx context.Context, now time.Time) error {
-	used := s.collect(now)
-	if s.store == nil {
-		return nil
-	}
-	if err := s.store.TouchSessions(ctx, used); err != nil {
-		return fmt.Errorf("save sessions: %w", err)
+	if err := s.save(ctx, now); err != nil || s.store == nil {
+		return err
 	}
 	if err := s.store.DeleteSessionsBefore(ctx, now.Add(-s.ttl)); err != nil {
 		return fmt.Errorf("delete expired sessions: %w", err)
@@ -202,10 +198,15 @@ func (s *Sessions) collect(now time.Time) map[string]time.Time {
 
 // Flush saves every session's last use, for a clean shutdown.
 func (s *Sessions) Flush(ctx context.Context) error {
+	return s.save(ctx, time.Now())
+}
+
+// save forgets expired sessions and saves the last use of the others.
+func (s *Sessions) save(ctx context.Context, now time.Time) error {
+	used := s.collect(now)
 	if s.store == nil {
 		return nil
 	}
-	used := s.collect(time.Now())
 	if err := s.store.TouchSessions(ctx, used); err != nil {
 		return fmt.Errorf("save sessions: %w", err)
 	}
