@@ -1,23 +1,17 @@
-// One connected WebSocket: its outgoing queue, its writes (non-blocking from
-// the hub, or from a writer goroutine while it is behind) and its reader. It
-// is its own file because it is the seam between the hub's bookkeeping and
-// the bytes on the wire, where x/net/websocket needs working around (see
-// rawConn and upgradeWriter).
-
 package main
 
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
-	"slices"
+	"strings"
 	"sync"
-	"sync/atomic"
-	"syscall"
 	"time"
 	"unicode/utf8"
 
@@ -35,274 +29,204 @@ const (
 const (
 	maxFrameBytes   = 64 << 10 // a larger incoming frame closes the socket with 1009
 	maxMessageRunes = 300
-	// maxQueueBytes bounds what waits for one client beyond what the kernel
-	// buffers. A burst of thousands of messages fits; a client that stopped
-	// reading while others talk reaches it and is dropped.
+	// maxQueueBytes bounds what waits for one client: a burst of thousands
+	// of messages fits; a client that stopped reading while others talk
+	// reaches it and is dropped.
 	maxQueueBytes = 4 << 20
-	// writeTimeout is how long one write may block before the client counts
-	// as stalled and is dropped.
+	// writeTimeout is how long one write may block before the client
+	// counts as stalled and is dropped.
 	writeTimeout = 5 * time.Second
-	// closeGrace is how long a closing socket waits for the peer's close
-	// frame before the connection is cut.
+	// closeGrace is how long a closed socket waits for the peer's answer.
 	closeGrace = 2 * time.Second
-	// socketSendBuffer caps the kernel's send buffer per socket, so that a
-	// stalled reader shows up as a blocked write after a few hundred KiB
-	// instead of several MiB.
-	socketSendBuffer = 64 << 10
 )
 
-// client is one user's WebSocket. The hub goroutine owns active; the rest
-// of the queue state is guarded by mu because the reader sends its own
-// error acks and the store's writer sends storage errors.
+// client is one user's WebSocket: a queue the hub fills and the write pump
+// drains. The hub never writes to the socket itself, so a slow peer can
+// only ever delay its own frames.
 type client struct {
-	hub     *Hub
 	user    string
 	session string
-	active  bool // receiving broadcasts; hub goroutine only
 
-	conn *rawConn // nil until the upgrade completed
-
-	mu        sync.Mutex
-	queue     [][]byte // frames waiting to be written
-	queued    int      // bytes in queue
-	writing   bool     // some goroutine owns the write side of conn
-	closeCode int      // non-zero once closing: the code to send
-	closeSent bool
-	deaf      bool          // discards frames: the peer is gone or going
-	finished  chan struct{} // closed when writing is over for good
-
-	dirty bool // has frames the hub has not flushed yet; hub goroutine only
+	mu     sync.Mutex
+	queue  [][]byte      // frames waiting for the write pump; shared, never changed
+	queued int           // bytes in queue
+	code   int           // once non-zero, the hub let go: send this close code last
+	wake   chan struct{} // tells the write pump there is something to do
 }
 
-func newClient(hub *Hub, user, session string) *client {
-	return &client{hub: hub, user: user, session: session, finished: make(chan struct{})}
+func newClient(user, session string) *client {
+	return &client{user: user, session: session, wake: make(chan struct{}, 1)}
 }
 
-// enqueue queues frame without writing it. It reports false when the queue
-// is full, and the caller drops the client. Frames for a closing client are
-// discarded.
+// enqueue queues frame for the write pump. It reports false when the queue
+// is full. Frames for a closing client are dropped.
 func (c *client) enqueue(frame []byte) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.closeCode != 0 || c.deaf {
+	if c.code != 0 {
 		return true
 	}
-	// A queued frame costs its slot too: frames are shared, slots are not.
-	cost := len(frame) + queueSlotBytes
-	if c.queued+cost > maxQueueBytes {
+	if c.queued+len(frame) > maxQueueBytes {
 		return false
 	}
 	c.queue = append(c.queue, frame)
-	c.queued += cost
+	c.queued += len(frame)
+	c.signal()
 	return true
 }
 
-// queueSlotBytes is the size of one queue entry (a slice header).
-const queueSlotBytes = 24
-
-// stopListening makes c discard what is sent to it from now on: its peer is
-// gone or going, and frames queued meanwhile (a busy hub may take a while to
-// hear it left) would only pile up.
-func (c *client) stopListening() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.deaf = true
-	clear(c.queue)
-	c.queue, c.queued = nil, 0
-}
-
-// send queues frame and flushes, for goroutines other than the hub's.
-func (c *client) send(frame []byte) {
-	if !c.enqueue(frame) {
-		c.close(closePolicyViolation)
-		go c.hub.Leave(c)
-		return
-	}
-	c.flush(nil)
-}
-
-// close sends a close frame with code after what is queued (a slow client's
-// backlog is discarded instead) and then shuts the connection.
+// close makes the write pump send what is queued and then a close frame
+// with code; a dropped client's backlog is discarded instead.
 func (c *client) close(code int) {
 	c.mu.Lock()
-	if c.closeCode != 0 {
-		c.mu.Unlock()
-		return
-	}
-	c.closeCode = code
+	defer c.mu.Unlock()
+	c.code = code
 	if code == closePolicyViolation {
-		clear(c.queue)
 		c.queue, c.queued = nil, 0
 	}
-	c.mu.Unlock()
-	c.flush(nil)
+	c.signal()
 }
 
-// silentFor reports how long c's peer has sent nothing; 0 before attach.
-func (c *client) silentFor(now time.Time) time.Duration {
+func (c *client) signal() {
+	select {
+	case c.wake <- struct{}{}:
+	default: // the pump has a wake-up pending already
+	}
+}
+
+// take empties the queue, returning its frames and the close code.
+func (c *client) take() ([][]byte, int) {
 	c.mu.Lock()
-	conn := c.conn
-	c.mu.Unlock()
-	if conn == nil {
-		return 0
-	}
-	return conn.silentFor(now)
+	defer c.mu.Unlock()
+	frames := c.queue
+	c.queue, c.queued = nil, 0
+	return frames, c.code
 }
 
-// attach gives c its connection once the upgrade is done and writes
-// whatever was decided before that.
-func (c *client) attach(conn *rawConn) {
+func (c *client) closing() bool {
 	c.mu.Lock()
-	c.conn = conn
-	c.mu.Unlock()
-	c.flush(nil)
+	defer c.mu.Unlock()
+	return c.code != 0
 }
 
-// takeLocked moves the queue, and the close frame when it is due, to out.
-func (c *client) takeLocked(out net.Buffers) (net.Buffers, bool) {
-	out = append(out, c.queue...)
-	clear(c.queue)
-	c.queue, c.queued = c.queue[:0], 0
-	if cap(c.queue) > keptQueueCap {
-		c.queue = nil // a burst's backlog array is not kept for an idle client
-	}
-	final := c.closeCode != 0 && !c.closeSent
-	if final {
-		c.closeSent = true
-		out = append(out, closeFrame(c.closeCode))
-	}
-	return out, final
-}
-
-// keptQueueCap is the largest queue array an idle client keeps, so that the
-// usual one or two frames per flush are queued without allocating.
-const keptQueueCap = 4
-
-// flush writes everything queued in one system call that does not block,
-// on the calling goroutine. Whatever the socket cannot take now is handed
-// to a writer goroutine, so a client costs a goroutine only while it is
-// behind. Safe from any goroutine; a flush while another goroutine writes
-// leaves the queue to that one.
-func (c *client) flush(scratch net.Buffers) net.Buffers {
-	c.mu.Lock()
-	if c.writing || c.conn == nil {
-		c.mu.Unlock()
-		return scratch
-	}
-	c.writing = true
+// writePump writes everything queued in one write, pings every interval,
+// and ends after the close frame or a failed write.
+func (c *client) writePump(conn *socketConn, hub *Hub, ping time.Duration) {
+	ticker := time.NewTicker(ping)
+	defer ticker.Stop()
+	var buf []byte
 	for {
-		out, final := c.takeLocked(scratch[:0])
-		scratch = out[:0]
-		if len(out) == 0 {
-			c.writing = false
-			c.mu.Unlock()
-			return scratch
+		buf = buf[:0]
+		select {
+		case <-c.wake:
+		case <-ticker.C:
+			buf = append(buf, pingFrame...)
 		}
-		c.mu.Unlock()
-		rest, err := c.conn.tryWrite(out)
+		frames, code := c.take()
+		for _, f := range frames {
+			buf = append(buf, f...)
+		}
+		if code != 0 {
+			buf = append(buf, closeFrame(code)...)
+		}
+		n, err := conn.Write(buf)
+		if isTimeout(err) {
+			// Stalled: the others hear it left now; it gets the rest and a
+			// close frame if it starts reading within another timeout.
+			hub.Unregister(c, closePolicyViolation)
+			if code == 0 {
+				code, buf = closePolicyViolation, append(buf, closeFrame(closePolicyViolation)...)
+			}
+			_, err = conn.Write(buf[n:])
+		}
 		switch {
-		case err == nil && final:
-			c.finish(nil)
-		case err == nil:
-			clear(out)
-			c.mu.Lock()
-			continue
-		case errors.Is(err, errWouldBlock):
-			go c.writeLoop(slices.Clone(rest), final)
-		default:
-			c.finish(err)
+		case err != nil:
+			conn.Close()
+			return
+		case code != 0:
+			conn.finish()
+			return
+		case cap(buf) > 64<<10:
+			buf = nil // a burst's buffer is not kept by an idle client
 		}
-		clear(out)
-		return scratch
 	}
 }
 
-// writeLoop writes out, then whatever else gets queued, blocking with a
-// deadline, until the queue is empty (then it exits) or the close frame is
-// out. final says whether out already ends with the close frame.
-func (c *client) writeLoop(out net.Buffers, final bool) {
-	for {
-		timeout := writeTimeout
-		if final {
-			// A dropped client may still be working through its backlog;
-			// it gets a second period to reach the close frame.
-			timeout = 2 * writeTimeout
-		}
-		err := c.conn.writeFrames(&out, timeout)
-		switch {
-		case err == nil && final:
-			c.finish(nil)
-			return
-		case err == nil:
-		case isTimeout(err) && !final:
-			// Stalled: drop it now, then give what was half written and the
-			// close frame one more timeout to get through.
-			// (close only queues the close frame: this goroutine writes.)
-			c.hub.Leave(c)
-			c.close(closePolicyViolation)
-		default:
-			c.finish(err)
-			return
-		}
-		c.mu.Lock()
-		var closing bool
-		out, closing = c.takeLocked(out)
-		final = final || closing
-		if len(out) == 0 {
-			c.writing = false
-			c.mu.Unlock()
-			return
-		}
-		c.mu.Unlock()
-	}
-}
-
-// finish ends writing for good: after the close frame went out, half-close
-// and wait briefly for the peer's; after a failed write, cut the connection.
-func (c *client) finish(err error) {
-	if err != nil {
-		c.stopListening()
-		c.conn.shut()
-	} else {
-		c.conn.closeWrite()
-	}
-	close(c.finished)
-}
-
-// readLoop reads frames until the socket closes. It runs on the socket's own
-// goroutine, started once the handshake is done (see upgrade).
-func (c *client) readLoop(ws *websocket.Conn, handle func(text []byte, binary bool)) {
+// readPump reads frames until the socket ends and handles each to the end
+// before reading the next, so acks leave in the order frames came. It
+// returns the close code for the socket.
+func (c *client) readPump(ws *websocket.Conn, handle func(c *client, data []byte, binary bool)) int {
 	for {
 		var f inFrame
 		err := inCodec.Receive(ws, &f)
-		if errors.Is(err, websocket.ErrFrameTooLarge) {
-			c.hub.Leave(c)
-			c.close(closeTooBig)
-			continue // keep reading: the peer's close frame ends the loop
+		switch {
+		case errors.Is(err, websocket.ErrFrameTooLarge):
+			return closeTooBig
+		case isTimeout(err):
+			return closePolicyViolation // silent for two ping intervals
+		case err != nil:
+			return closeNormal // the peer's close frame, or the connection ended
+		case !c.closing():
+			handle(c, f.data, f.binary)
 		}
-		if err != nil {
-			break
-		}
-		if c.isClosing() {
-			continue
-		}
-		handle(f.data, f.binary)
-	}
-	// Unregister before the close frame answers the peer's, so a client
-	// that reconnects the moment it sees it finds its slot free.
-	c.stopListening()
-	c.hub.Leave(c)
-	c.close(closeNormal)
-	select {
-	case <-c.finished:
-	case <-time.After(writeTimeout + closeGrace):
 	}
 }
 
-func (c *client) isClosing() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.closeCode != 0
+// serveSocket completes the WebSocket handshake for a registered client
+// and runs its pumps until the socket ends.
+func serveSocket(w http.ResponseWriter, r *http.Request, c *client, ch *chat, ping time.Duration) {
+	defer ch.hub.sockets.Done()
+	// Leave the room, and free the session to expire, before the close
+	// frame answers the peer's: a client that reconnects the moment it sees
+	// it finds its slot free.
+	leave := sync.OnceFunc(func() { ch.sessions.CloseSocket(c.session); ch.hub.Unregister(c, closeNormal) })
+	defer leave() // the handshake failed
+	hj := &hijacker{ResponseWriter: w, silence: 2 * ping}
+	websocket.Server{
+		// Subprotocols are not offered; dropping the client's list also keeps
+		// the library from refusing a handshake that names several.
+		Handshake: func(cfg *websocket.Config, _ *http.Request) error { cfg.Protocol = nil; return nil },
+		Handler: func(ws *websocket.Conn) {
+			ws.MaxPayloadBytes = maxFrameBytes
+			pumped := make(chan struct{})
+			go func() { c.writePump(hj.conn, ch.hub, ping); close(pumped) }()
+			code := c.readPump(ws, ch.handle)
+			ch.hub.Unregister(c, code)
+			leave()
+			<-pumped
+		},
+	}.ServeHTTP(hj, r)
+}
+
+// chat is what a reader needs to handle a chat frame.
+type chat struct {
+	hub      *Hub
+	store    *Store
+	sessions *Sessions
+	limit    *rateLimiter
+	now      func() time.Time
+	log      *slog.Logger
+}
+
+// handle refuses a frame with an error ack, or stores the message and hands
+// it to the hub, which broadcasts and acks it.
+func (ch *chat) handle(c *client, data []byte, binary bool) {
+	text, refusal := chatText(data, binary)
+	if refusal == nil {
+		if ok, _ := ch.limit.Allow(strings.ToLower(c.user)); !ok {
+			refusal = ackRateLimited
+		}
+	}
+	if refusal != nil {
+		ch.hub.Refuse(c, refusal)
+		return
+	}
+	m := Message{Author: c.user, Text: text, Time: ch.now()}
+	err := ch.store.AddMessage(context.Background(), m, func(m Message) { ch.hub.Publish(c, m) })
+	if err != nil {
+		ch.log.Error("store message", "user", c.user, "err", err)
+		ch.hub.Refuse(c, ackStorageError)
+	}
 }
 
 // chatText checks an incoming frame. It returns the message text, or the
@@ -336,9 +260,9 @@ var inCodec = websocket.Codec{
 	},
 }
 
-// Outgoing frames are framed here rather than by websocket.Conn.Write,
-// which sends each frame with its own flush: a broadcast is framed once for
-// all receivers, and a writer sends all its queued frames in one writev.
+// Outgoing frames are framed here rather than by websocket.Conn.Write, which
+// sends each frame with its own write: a broadcast is framed once for all
+// receivers, and the write pump sends all its queued frames in one write.
 
 const (
 	opText  = 0x1
@@ -367,239 +291,74 @@ func closeFrame(code int) []byte {
 	return wsFrame(opClose, binary.BigEndian.AppendUint16(nil, uint16(code)))
 }
 
+var pingFrame = wsFrame(opPing, nil)
+
 func isTimeout(err error) bool {
 	var ne net.Error
 	return errors.As(err, &ne) && ne.Timeout()
 }
 
-// rawConn is the hijacked connection under a websocket.Conn. All writes,
-// the library's (handshake, pong) and ours, go through it one at a time.
-// Each read notes the time, so the hub can drop a peer that sends nothing,
-// not even the pong to its periodic ping, without a timer per socket.
-type rawConn struct {
+// socketConn is the connection under a websocket.Conn. Every write to it,
+// the library's pongs and the write pump's frames, takes mu and has a
+// deadline; every read has one too, so a peer that sends nothing, not even
+// the pong to a ping, is given up on.
+type socketConn struct {
 	net.Conn
-	raw      syscall.RawConn // nil where there is no socket to write to directly (TLS)
-	lastRead atomic.Int64    // unix nanos of the last read that returned data
+	silence time.Duration
 
-	wmu       sync.Mutex
-	pending   []byte // tryWrite's data, result and system call, under wmu
-	written   int
-	writeErr  error
-	writeOnce func(fd uintptr) bool
-	corked    bool // holding writes back until uncork
-	// oneFramePerWrite turns coalescing off, for comparing against it.
-	oneFramePerWrite bool
-	held             []byte // what was written while corked
+	mu     sync.Mutex
+	closed bool // our close frame is out: nothing may follow it
 }
 
-// newRawConn wraps a hijacked connection; it starts corked.
-func newRawConn(nc net.Conn, oneFramePerWrite bool) *rawConn {
-	c := &rawConn{Conn: nc, corked: true, oneFramePerWrite: oneFramePerWrite}
-	c.writeOnce = c.write
-	c.lastRead.Store(time.Now().UnixNano())
-	if tcp, ok := nc.(*net.TCPConn); ok {
-		c.raw, _ = tcp.SyscallConn()
+func (c *socketConn) Read(p []byte) (int, error) {
+	c.Conn.SetReadDeadline(time.Now().Add(c.silence))
+	return c.Conn.Read(p)
+}
+
+func (c *socketConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return 0, net.ErrClosed
 	}
-	return c
-}
-
-// uncork sends what the handshake wrote. Until then the client has not seen
-// its 101, so by the time it has, the hub counts it as online.
-func (c *rawConn) uncork() error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	c.corked = false
-	held := c.held
-	c.held = nil
-	defer c.setWriteDeadline(writeTimeout)()
-	_, err := c.Conn.Write(held)
-	return err
-}
-
-// Close is what x/net/websocket calls when the handler returns, which here
-// is right after the handshake: the socket lives on with its own reader, so
-// the call is ignored. shut closes the connection for real.
-func (c *rawConn) Close() error { return nil }
-
-func (c *rawConn) shut() error { return c.Conn.Close() }
-
-func (c *rawConn) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
-	if n > 0 {
-		c.lastRead.Store(time.Now().UnixNano())
-	}
-	return n, err
-}
-
-// silentFor reports how long the peer has sent nothing.
-func (c *rawConn) silentFor(now time.Time) time.Duration {
-	return now.Sub(time.Unix(0, c.lastRead.Load()))
-}
-
-func (c *rawConn) Write(p []byte) (int, error) {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.corked {
-		c.held = append(c.held, p...)
-		return len(p), nil
-	}
-	defer c.setWriteDeadline(writeTimeout)()
+	c.Conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 	return c.Conn.Write(p)
 }
 
-// setWriteDeadline bounds the blocking writes that follow and returns the
-// function that lifts the bound again: a deadline left behind would fail
-// tryWrite's later writes, which never block and need none.
-func (c *rawConn) setWriteDeadline(timeout time.Duration) func() {
-	c.Conn.SetWriteDeadline(time.Now().Add(timeout))
-	return func() { c.Conn.SetWriteDeadline(time.Time{}) }
-}
-
-// errWouldBlock says the socket's buffer is full: what is left needs a
-// goroutine that can wait.
-var errWouldBlock = errors.New("write would block")
-
-// joinBuffers holds the frames of one write on their way to the socket.
-var joinBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 32<<10); return &b }}
-
-// tryWrite writes frames with one write() that never waits for the socket,
-// and returns what it could not write, with errWouldBlock, or nil.
-func (c *rawConn) tryWrite(frames net.Buffers) (net.Buffers, error) {
-	if c.raw == nil {
-		return frames, errWouldBlock
-	}
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	if c.oneFramePerWrite {
-		for len(frames) > 0 {
-			if rest, err := c.writeNow(frames[:1]); err != nil {
-				return append(rest, frames[1:]...), err
-			}
-			frames = frames[1:]
-		}
-		return nil, nil
-	}
-	return c.writeNow(frames)
-}
-
-// writeNow is tryWrite for frames in one write(), under wmu.
-func (c *rawConn) writeNow(frames net.Buffers) (net.Buffers, error) {
-	data := frames[0]
-	if len(frames) > 1 {
-		bp := joinBuffers.Get().(*[]byte)
-		defer joinBuffers.Put(bp)
-		for _, f := range frames {
-			*bp = append(*bp, f...)
-		}
-		data = *bp
-		defer func() { *bp = (*bp)[:0] }()
-	}
-	c.pending = data
-	err := c.raw.Write(c.writeOnce)
-	n, werr := c.written, c.writeErr
-	c.pending, c.writeErr = nil, nil
-	if err == nil {
-		err = werr
-	}
-	if errors.Is(err, syscall.EAGAIN) {
-		return frames, errWouldBlock
-	}
-	if err != nil {
-		return frames, err
-	}
-	if rest := advance(frames, n); len(rest) > 0 {
-		return rest, errWouldBlock
-	}
-	return nil, nil
-}
-
-// write is tryWrite's system call. Its method value, made once per
-// connection as writeOnce, lets a write allocate no closure.
-func (c *rawConn) write(fd uintptr) bool {
-	for {
-		c.written, c.writeErr = syscall.Write(int(fd), c.pending)
-		if c.writeErr != syscall.EINTR {
-			return true // done, whatever happened: this write never waits
-		}
-	}
-}
-
-// advance drops the first n bytes of frames. The frames' bytes, shared
-// with other clients, are resliced, never changed.
-func advance(frames net.Buffers, n int) net.Buffers {
-	for len(frames) > 0 && n >= len(frames[0]) {
-		n -= len(frames[0])
-		frames = frames[1:]
-	}
-	if len(frames) > 0 {
-		frames[0] = frames[0][n:]
-	}
-	return frames
-}
-
-// writeFrames writes frames in one system call where the connection allows
-// (writev on TCP), removing from *frames what was written.
-func (c *rawConn) writeFrames(frames *net.Buffers, timeout time.Duration) error {
-	c.wmu.Lock()
-	defer c.wmu.Unlock()
-	defer c.setWriteDeadline(timeout)()
-	if c.oneFramePerWrite {
-		for len(*frames) > 0 {
-			n, err := c.Conn.Write((*frames)[0])
-			*frames = advance(*frames, n)
-			if err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	if _, ok := c.Conn.(*net.TCPConn); ok {
-		_, err := frames.WriteTo(c.Conn)
-		return err
-	}
-	// TLS would make each buffer its own record and write.
-	joined := bytes.Join(*frames, nil)
-	n, err := c.Conn.Write(joined)
-	*frames = net.Buffers{joined[n:]}
-	if n == len(joined) {
-		*frames = nil
-	}
-	return err
-}
-
-// closeWrite ends our side after the close frame and bounds the wait for
-// the peer's.
-func (c *rawConn) closeWrite() {
-	c.Conn.SetReadDeadline(time.Now().Add(closeGrace))
+// finish ends our side after the close frame and gives the peer closeGrace
+// to answer before the connection is cut.
+func (c *socketConn) finish() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
 	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
 		cw.CloseWrite()
 	}
+	time.AfterFunc(closeGrace, func() { c.Conn.Close() })
 }
 
-// upgradeWriter lets websocket.Server hijack a rawConn instead of the bare
-// connection, with small buffers: the reader's is refilled per frame, and
-// the writer's only ever holds the handshake or a control frame.
-type upgradeWriter struct {
+// hijacker hands websocket.Server a socketConn instead of the bare
+// connection, so that the library's writes and reads go through it too.
+type hijacker struct {
 	http.ResponseWriter
-	oneFramePerWrite bool
-	conn             *rawConn
+	silence time.Duration
+	conn    *socketConn
 }
 
-const readBufferSize = 512
-
-func (w *upgradeWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	nc, brw, err := http.NewResponseController(w.ResponseWriter).Hijack()
+func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	nc, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
 	if err != nil {
 		return nil, nil, err
 	}
 	if tcp, ok := nc.(*net.TCPConn); ok {
-		tcp.SetWriteBuffer(socketSendBuffer)
+		// A small kernel buffer makes a peer that stopped reading show up
+		// as a stalled write after a few hundred KiB, not many MiB.
+		tcp.SetWriteBuffer(64 << 10)
 	}
-	w.conn = newRawConn(nc, w.oneFramePerWrite)
-	var r io.Reader = w.conn
-	if n := brw.Reader.Buffered(); n > 0 {
-		early, _ := brw.Reader.Peek(n)
-		r = io.MultiReader(bytes.NewReader(bytes.Clone(early)), w.conn)
-	}
-	return w.conn, bufio.NewReadWriter(bufio.NewReaderSize(r, readBufferSize), bufio.NewWriterSize(w.conn, 256)), nil
+	h.conn = &socketConn{Conn: nc, silence: h.silence}
+	// Bytes the HTTP server had already read belong to the socket.
+	early, _ := brw.Reader.Peek(brw.Reader.Buffered())
+	r := io.MultiReader(bytes.NewReader(bytes.Clone(early)), h.conn)
+	// A 512-byte writer holds any control frame whole, so a pong is one write.
+	return h.conn, bufio.NewReadWriter(bufio.NewReaderSize(r, 1024), bufio.NewWriterSize(h.conn, 512)), nil
 }

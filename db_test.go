@@ -246,11 +246,11 @@ func TestMessagePages(t *testing.T) {
 }
 
 func TestRetentionDeletesOnlyOldMessages(t *testing.T) {
-	s := startServer(t, "-history-keep", "1500ms")
+	s := startServer(t, "-history-keep", "1h")
 	cookie := s.user(t, "Keeper")
 	ws := s.connect(t, cookie)
 	oldID := sendAndAck(t, ws, "old")
-	time.Sleep(1600 * time.Millisecond)
+	s.clock.Advance(61 * time.Minute)
 	newID := sendAndAck(t, ws, "new")
 	deadline := time.Now().Add(5 * time.Second)
 	for {

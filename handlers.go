@@ -13,40 +13,28 @@ import (
 	"net/http"
 	"net/url"
 	"path"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
-
-	"golang.org/x/net/websocket"
 )
 
 const maxBodyBytes = 4 << 10
 
-// deps is what the HTTP API is built from.
-type deps struct {
-	cfg      config
-	log      *slog.Logger
-	store    *Store
-	sessions *Sessions
-	hub      *Hub
-	authRate *rateLimiter // per client IP: register and login
-	msgRate  *rateLimiter // per user: chat messages
-}
-
 // routes returns the server's handler: the API on Go 1.22 method patterns,
 // with the mux's own 404 and 405 answers turned into JSON errors.
-func routes(d *deps) http.Handler {
+func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, chat *chat, authRate *rateLimiter) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("POST /api/register", limitAuth(d, handleRegister(d.store, d.log)))
-	mux.Handle("POST /api/login", limitAuth(d, handleLogin(d.store, d.sessions, d.cfg.SessionTTL, d.log)))
-	mux.Handle("GET /api/logout", handleLogout(d.sessions, d.hub, d.log))
-	mux.Handle("POST /api/logout", handleLogout(d.sessions, d.hub, d.log))
-	mux.Handle("GET /api/online", handleOnline(d.sessions, d.hub, d.cfg.SessionTTL))
-	mux.Handle("GET /api/user/@me", handleMe(d.sessions, d.hub, d.cfg.SessionTTL))
-	mux.Handle("GET /api/user/{name}", handleUser(d.store, d.sessions, d.hub, d.cfg.SessionTTL, d.log))
-	mux.Handle("GET /api/messages", handleMessages(d.store, d.sessions, d.cfg.SessionTTL, d.log))
-	mux.Handle("GET /healthz", handleHealth(d.store, d.log))
-	mux.Handle("GET /ws", handleWebSocket(d))
+	mux.Handle("POST /api/register", limitAuth(authRate, cfg.TrustedProxies, handleRegister(store, log)))
+	mux.Handle("POST /api/login", limitAuth(authRate, cfg.TrustedProxies, handleLogin(store, sessions, log)))
+	mux.Handle("GET /api/logout", handleLogout(sessions, hub, log))
+	mux.Handle("POST /api/logout", handleLogout(sessions, hub, log))
+	mux.Handle("GET /api/online", handleOnline(sessions, hub))
+	mux.Handle("GET /api/user/@me", handleMe(sessions, hub))
+	mux.Handle("GET /api/user/{name}", handleUser(store, sessions, hub, log))
+	mux.Handle("GET /api/messages", handleMessages(store, sessions, log))
+	mux.Handle("GET /healthz", handleHealth(store, log))
+	mux.Handle("GET /ws", handleWebSocket(sessions, chat, cfg.AllowedOrigins, cfg.PingInterval))
 	mux.Handle("GET /{$}", handleStatic("index.html"))
 	mux.Handle("GET /app.js", handleStatic("app.js"))
 	mux.Handle("GET /style.css", handleStatic("style.css"))
@@ -242,7 +230,7 @@ func handleRegister(store *Store, log *slog.Logger) http.Handler {
 	})
 }
 
-func handleLogin(store *Store, sessions *Sessions, ttl time.Duration, log *slog.Logger) http.Handler {
+func handleLogin(store *Store, sessions *Sessions, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		key, ok := bodyField(w, r, "key")
 		if !ok {
@@ -262,7 +250,7 @@ func handleLogin(store *Store, sessions *Sessions, ttl time.Duration, log *slog.
 			internalError(w, log, r, err)
 			return
 		}
-		setSessionCookie(w, r, sid, ttl)
+		setSessionCookie(w, r, sid, sessions.ttl)
 		writeJSON(w, http.StatusOK, map[string]string{"username": user})
 	})
 }
@@ -271,7 +259,7 @@ func handleLogout(sessions *Sessions, hub *Hub, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if cookie, err := r.Cookie(sessionCookie); err == nil {
 			if user, ok := sessions.Lookup(cookie.Value); ok {
-				hub.Logout(user, cookie.Value)
+				hub.Kick(user, cookie.Value, closeNormal)
 			}
 			if err := sessions.Delete(r.Context(), cookie.Value); err != nil {
 				internalError(w, log, r, err)
@@ -283,9 +271,9 @@ func handleLogout(sessions *Sessions, hub *Hub, log *slog.Logger) http.Handler {
 	})
 }
 
-func handleOnline(sessions *Sessions, hub *Hub, ttl time.Duration) http.Handler {
+func handleOnline(sessions *Sessions, hub *Hub) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, _, ok := authenticate(w, r, sessions, ttl); !ok {
+		if _, _, ok := authenticate(w, r, sessions); !ok {
 			return
 		}
 		writeJSON(w, http.StatusOK, map[string][]string{"online_clients": hub.Online()})
@@ -297,19 +285,19 @@ type userJSON struct {
 	Online   bool   `json:"online"`
 }
 
-func handleMe(sessions *Sessions, hub *Hub, ttl time.Duration) http.Handler {
+func handleMe(sessions *Sessions, hub *Hub) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		user, _, ok := authenticate(w, r, sessions, ttl)
+		user, _, ok := authenticate(w, r, sessions)
 		if !ok {
 			return
 		}
-		writeJSON(w, http.StatusOK, userJSON{user, hub.IsOnline(user)})
+		writeJSON(w, http.StatusOK, userJSON{user, slices.Contains(hub.Online(), user)})
 	})
 }
 
-func handleUser(store *Store, sessions *Sessions, hub *Hub, ttl time.Duration, log *slog.Logger) http.Handler {
+func handleUser(store *Store, sessions *Sessions, hub *Hub, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, _, ok := authenticate(w, r, sessions, ttl); !ok {
+		if _, _, ok := authenticate(w, r, sessions); !ok {
 			return
 		}
 		name, err := store.UserByName(r.Context(), r.PathValue("name"))
@@ -321,7 +309,7 @@ func handleUser(store *Store, sessions *Sessions, hub *Hub, ttl time.Duration, l
 			internalError(w, log, r, err)
 			return
 		}
-		writeJSON(w, http.StatusOK, userJSON{name, hub.IsOnline(name)})
+		writeJSON(w, http.StatusOK, userJSON{name, slices.Contains(hub.Online(), name)})
 	})
 }
 
@@ -329,9 +317,9 @@ type messagePage struct {
 	Messages []messageJSON `json:"messages"`
 }
 
-func handleMessages(store *Store, sessions *Sessions, ttl time.Duration, log *slog.Logger) http.Handler {
+func handleMessages(store *Store, sessions *Sessions, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, _, ok := authenticate(w, r, sessions, ttl); !ok {
+		if _, _, ok := authenticate(w, r, sessions); !ok {
 			return
 		}
 		q := r.URL.Query()
@@ -352,7 +340,7 @@ func handleMessages(store *Store, sessions *Sessions, ttl time.Duration, log *sl
 		}
 		page := messagePage{Messages: make([]messageJSON, len(msgs))}
 		for i, m := range msgs {
-			page.Messages[i] = messageJSON{Message: m.Text, Author: m.Author, ID: m.ID, Time: m.Time.UTC().Format(timeFormat)}
+			page.Messages[i] = toJSON(m, false)
 		}
 		writeJSON(w, http.StatusOK, page)
 	})
@@ -412,7 +400,7 @@ func setSessionCookie(w http.ResponseWriter, r *http.Request, sid string, ttl ti
 // authenticate returns the user of the request's session, answering 422
 // (no cookie) or 401 (unknown or expired session) itself. Each use slides
 // the session, and the cookie with it.
-func authenticate(w http.ResponseWriter, r *http.Request, sessions *Sessions, ttl time.Duration) (user, sid string, ok bool) {
+func authenticate(w http.ResponseWriter, r *http.Request, sessions *Sessions) (user, sid string, ok bool) {
 	cookie, err := r.Cookie(sessionCookie)
 	if err != nil || cookie.Value == "" {
 		writeError(w, http.StatusUnprocessableEntity, "no session cookie")
@@ -423,7 +411,7 @@ func authenticate(w http.ResponseWriter, r *http.Request, sessions *Sessions, tt
 		writeError(w, http.StatusUnauthorized, "unknown or expired session")
 		return "", "", false
 	}
-	setSessionCookie(w, r, cookie.Value, ttl)
+	setSessionCookie(w, r, cookie.Value, sessions.ttl)
 	return user, cookie.Value, true
 }
 
@@ -481,15 +469,15 @@ func isWebSocketUpgrade(r *http.Request) bool {
 		r.Header.Get("Sec-WebSocket-Version") == "13"
 }
 
-// handleWebSocket upgrades /ws after checking, as plain HTTP with JSON
-// errors, everything that can refuse it.
-func handleWebSocket(d *deps) http.Handler {
+// handleWebSocket checks, as plain HTTP with JSON errors, everything that
+// can refuse /ws, then registers the client and serves its socket.
+func handleWebSocket(sessions *Sessions, chat *chat, origins map[string]bool, ping time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		user, sid, ok := authenticate(w, r, d.sessions, d.cfg.SessionTTL)
+		user, sid, ok := authenticate(w, r, sessions)
 		if !ok {
 			return
 		}
-		if !originAllowed(r, d.cfg.AllowedOrigins) {
+		if !originAllowed(r, origins) {
 			writeError(w, http.StatusForbidden, "origin not allowed")
 			return
 		}
@@ -504,115 +492,22 @@ func handleWebSocket(d *deps) http.Handler {
 				return
 			}
 		}
-		c := newClient(d.hub, user, sid)
-		switch d.hub.Reserve(c) {
-		case reserveTaken:
-			writeError(w, http.StatusConflict, "user already has an open WebSocket")
-			return
-		case reserveFull:
-			writeError(w, http.StatusServiceUnavailable, "too many connections")
-			return
-		}
-		if !d.sessions.OpenSocket(sid) {
-			d.hub.Leave(c)
+		if _, ok := sessions.OpenSocket(sid); !ok {
 			writeError(w, http.StatusUnauthorized, "unknown or expired session")
 			return
 		}
-		upgrade(d, c, w, r, since)
-	})
-}
-
-// upgrade completes the handshake and starts the socket's reader. The HTTP
-// handler then returns, so the request, its connection state and its
-// buffers are freed: an idle socket costs only its reader goroutine, its
-// client and small buffers.
-func upgrade(d *deps, c *client, w http.ResponseWriter, r *http.Request, since int64) {
-	uw := &upgradeWriter{ResponseWriter: w, oneFramePerWrite: !d.cfg.CoalesceWrites}
-	hr := handshakeRequest(r)
-	var ws *websocket.Conn
-	websocket.Server{
-		// Subprotocols are not offered; dropping the client's list also keeps
-		// the library from refusing a handshake that names several.
-		Handshake: func(cfg *websocket.Config, _ *http.Request) error {
-			cfg.Protocol = nil
-			return nil
-		},
-		Handler: func(conn *websocket.Conn) { ws = conn },
-	}.ServeHTTP(uw, hr)
-	hr.Header = nil // read by the handshake, kept by ws for nothing
-	conn := uw.conn
-	abandon := func() {
-		d.hub.Leave(c)
-		if conn != nil {
-			conn.shut()
-		}
-		d.sessions.CloseSocket(c.session)
-	}
-	if ws == nil {
-		abandon()
-		return
-	}
-	ws.MaxPayloadBytes = maxFrameBytes
-	d.hub.Activate(c, since)
-	if err := conn.uncork(); err != nil {
-		abandon()
-		return
-	}
-	c.attach(conn)
-	// Logged here, not by the reader: formatting a log line takes more stack
-	// than reading does, and a goroutine's stack stays as large as it grew.
-	d.log.Info("websocket open", "user", c.user, "remote", r.RemoteAddr)
-	go serveSocket(d, c, ws, conn, r.RemoteAddr)
-}
-
-// serveSocket reads the socket until it closes, then releases it.
-func serveSocket(d *deps, c *client, ws *websocket.Conn, conn *rawConn, remote string) {
-	c.readLoop(ws, chatHandler(d, c))
-	conn.shut()
-	d.sessions.CloseSocket(c.session)
-	d.log.Info("websocket closed", "user", c.user, "remote", remote)
-}
-
-// handshakeRequest copies what the WebSocket handshake reads from r. The
-// websocket.Conn keeps its request for life; this keeps it small.
-func handshakeRequest(r *http.Request) *http.Request {
-	header := http.Header{}
-	for _, name := range []string{"Upgrade", "Connection", "Sec-Websocket-Key", "Sec-Websocket-Version", "Sec-Websocket-Protocol"} {
-		if v := r.Header.Values(name); len(v) > 0 {
-			header[name] = v
-		}
-	}
-	return &http.Request{
-		Method: r.Method, Proto: r.Proto, ProtoMajor: r.ProtoMajor, ProtoMinor: r.ProtoMinor,
-		Host: r.Host, URL: &url.URL{Path: r.URL.Path}, Header: header, TLS: r.TLS, RemoteAddr: r.RemoteAddr,
-	}
-}
-
-// chatHandler returns what c's reader does with each frame: refuse it with
-// an error ack, or store it; the hub broadcasts and acks it once stored.
-func chatHandler(d *deps, c *client) func(data []byte, binary bool) {
-	rateKey := strings.ToLower(c.user)
-	return func(data []byte, binary bool) {
-		text, refusal := chatText(data, binary)
-		if refusal != nil {
-			c.send(refusal)
-			return
-		}
-		if ok, _ := d.msgRate.Allow(rateKey); !ok {
-			c.send(ackRateLimited)
-			return
-		}
-		m := &Message{Author: c.user, Text: text, Time: time.Now()}
-		err := d.store.SubmitMessage(m, func(err error) {
-			if err != nil {
-				d.log.Error("store message", "user", c.user, "err", err)
-				c.send(ackStorageError)
-				return
-			}
-			d.hub.Publish(*m, c)
-		})
+		c := newClient(user, sid)
+		err := chat.hub.Register(c, since)
 		if err != nil {
-			c.send(ackStorageError)
+			sessions.CloseSocket(sid)
 		}
-	}
+		switch err {
+		case errTaken:
+			writeError(w, http.StatusConflict, err.Error())
+		case errFull:
+			writeError(w, http.StatusServiceUnavailable, err.Error())
+		default:
+			serveSocket(w, r, c, chat, ping)
+		}
+	})
 }

@@ -3,237 +3,187 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"log/slog"
-	"net"
-	"runtime/debug"
 	"slices"
 	"sort"
 	"strings"
-	"time"
+	"sync"
 )
 
-// Hub owns the set of connected clients and the order of everything sent to
-// them. Only its goroutine (Run) touches clients and recent, so every
+// Hub owns the connected clients and the newest stored messages. Only its
+// goroutine (run) touches them, and only in answer to its channels, so every
 // receiver sees messages and events in the one order the hub handled them,
-// and a history replay can never miss or repeat a live message.
+// and a history replay can never miss or repeat a live message. The hub
+// never waits on a socket or on the database: it only queues frames for
+// clients, whose write pumps do the writing.
 type Hub struct {
-	log          *slog.Logger
-	maxConns     int
-	history      int // messages replayed to a plain connect
-	replayMax    int // messages replayed to a connect with ?since=
-	pingInterval time.Duration
+	register   chan registration
+	unregister chan departure
+	publish    chan publication
+	kick       chan departure
+	forget     chan int64
+	online     chan chan []string
+	quit       chan int
+	done       chan struct{}
 
-	work chan func() // everything the hub does for others, in arrival order
-	quit chan int    // carries the close code for every client
-	done chan struct{}
+	sockets sync.WaitGroup // one per registered client, until its handler returns
+	log     *slog.Logger
 
-	clients          map[string]*client // by lower-case user name, reserved or active
-	dirty            []*client          // clients with frames queued since the last flush
-	scratch          net.Buffers        // reused by flush, so that a write allocates nothing
-	queuedSinceFlush int
-	peak             int              // most clients since memory was last released
-	recent           []Message        // newest stored messages, ascending id
-	frames           map[int64][]byte // cached history frames of recent, by id
-	lastID           int64            // highest message id ever stored
-	closing          bool             // shutting down: refuse new clients
+	// Owned by the hub goroutine.
+	clients   map[string]*client // by lower-case user name
+	recent    []Message          // newest stored messages, ascending id
+	lastID    int64              // highest message id ever stored
+	history   int                // messages replayed to a plain connect
+	replayMax int                // messages replayed to a connect with ?since=
+	maxConns  int
 }
 
-// HubConfig holds the limits a Hub enforces.
-type HubConfig struct {
-	MaxConns     int
-	History      int
-	ReplayMax    int
-	PingInterval time.Duration
+type registration struct {
+	client *client
+	since  int64 // replay messages after this id; -1: the last history ones
+	result chan error
 }
 
-type reserveResult int
+// departure removes a client (or, from kick, the client of user with that
+// session) and closes its socket with code.
+type departure struct {
+	client        *client
+	user, session string
+	code          int
+}
 
-const (
-	reserved reserveResult = iota
-	reserveTaken
-	reserveFull
+// publication is a stored message to broadcast and ack, or a refusal for
+// its sender alone. Both go through the hub so that a sender's acks keep
+// the order of its frames.
+type publication struct {
+	from    *client
+	msg     Message
+	refusal []byte
+}
+
+var (
+	errTaken = errors.New("user already has an open WebSocket")
+	errFull  = errors.New("too many connections")
 )
 
-// NewHub returns a hub that replays the given stored messages (ascending id)
-// as history. lastID is the highest id ever handed out.
-func NewHub(cfg HubConfig, recent []Message, lastID int64, log *slog.Logger) *Hub {
+// NewHub starts a hub that replays recent (stored messages, ascending id).
+// lastID is the highest id ever handed out.
+func NewHub(recent []Message, lastID int64, history, replayMax, maxConns int, log *slog.Logger) *Hub {
 	h := &Hub{
-		log:          log,
-		maxConns:     cfg.MaxConns,
-		history:      cfg.History,
-		replayMax:    cfg.ReplayMax,
-		pingInterval: cfg.PingInterval,
-		work:         make(chan func(), 1024),
-		quit:         make(chan int),
-		done:         make(chan struct{}),
-		clients:      make(map[string]*client),
-		frames:       make(map[int64][]byte),
-		lastID:       lastID,
+		register:   make(chan registration),
+		unregister: make(chan departure),
+		publish:    make(chan publication, 256),
+		kick:       make(chan departure),
+		forget:     make(chan int64),
+		online:     make(chan chan []string),
+		quit:       make(chan int),
+		done:       make(chan struct{}),
+		log:        log,
+		clients:    make(map[string]*client),
+		recent:     recent,
+		lastID:     lastID,
+		history:    history,
+		replayMax:  replayMax,
+		maxConns:   maxConns,
 	}
-	h.recent = append(h.recent, recent...)
-	h.trimRecent()
+	go h.run()
 	return h
 }
 
-// recentCap is how many stored messages the hub keeps for replays.
-func (h *Hub) recentCap() int { return max(h.history, h.replayMax) }
-
-// Run is the hub goroutine. It returns after Shutdown.
-func (h *Hub) Run() {
+func (h *Hub) run() {
 	defer close(h.done)
-	var ping <-chan time.Time
-	if h.pingInterval > 0 {
-		t := time.NewTicker(h.pingInterval)
-		defer t.Stop()
-		ping = t.C
-	}
 	for {
 		select {
-		case f := <-h.work:
-			f()
-		case now := <-ping:
-			h.dropSilent(now)
-			h.broadcast(pingFrame, nil)
-			h.releaseMemoryAfterDrop()
+		case r := <-h.register:
+			r.result <- h.add(r.client, r.since)
+		case d := <-h.unregister:
+			h.remove(d.client, d.code)
+		case p := <-h.publish:
+			h.deliver(p)
+		case d := <-h.kick:
+			if c := h.clients[strings.ToLower(d.user)]; c != nil && (d.session == "" || c.session == d.session) {
+				h.remove(c, d.code)
+			}
+		case id := <-h.forget:
+			h.recent = slices.DeleteFunc(h.recent, func(m Message) bool { return m.ID <= id })
+		case reply := <-h.online:
+			reply <- h.names()
 		case code := <-h.quit:
-			h.announceShutdown()
-			h.flush()
 			h.closeAll(code)
-			h.waitForLeaves()
-			return
-		}
-		h.drain()
-		h.flush()
-	}
-}
-
-// drain does the work already waiting, up to a bound that keeps the first
-// of it from waiting long for its flush. Doing it all before flushing is
-// what lets a busy hub send many frames per system call: a burst of
-// messages or joins reaches each client in one write. The bound counts
-// deliveries too, so that a storm of events in a full room (ten thousand
-// leaving at once) does not pile up in every queue at once.
-func (h *Hub) drain() {
-	for range maxBatch {
-		if h.queuedSinceFlush >= flushBudget {
-			return
-		}
-		select {
-		case f := <-h.work:
-			f()
-		default:
 			return
 		}
 	}
 }
 
-func (h *Hub) handleReserve(c *client) reserveResult {
+// add takes c in, unless its user already has a socket or the server is
+// full, and queues its replay. Others hear of the join after it, in order.
+func (h *Hub) add(c *client, since int64) error {
 	key := strings.ToLower(c.user)
 	if h.clients[key] != nil {
-		return reserveTaken
+		return errTaken
 	}
-	if h.closing || len(h.clients) >= h.maxConns {
-		return reserveFull
+	if len(h.clients) >= h.maxConns {
+		return errFull
 	}
 	h.clients[key] = c
-	h.peak = max(h.peak, len(h.clients))
-	return reserved
-}
-
-// handleActivate starts delivery to c: first its replay, then, like every
-// other active client, whatever the hub handles next.
-func (h *Hub) handleActivate(c *client, since int64) {
-	if h.clients[strings.ToLower(c.user)] != c {
-		return // removed (logout, shutdown) between reserve and activate
-	}
+	h.sockets.Add(1)
 	h.replay(c, since)
 	h.broadcast(eventFrame("join", c.user), c)
-	c.active = true
+	return nil
 }
 
 func (h *Hub) replay(c *client, since int64) {
-	var msgs []Message
-	if since < 0 {
-		msgs = h.recent[max(0, len(h.recent)-h.history):]
-	} else {
+	msgs := h.recent[max(0, len(h.recent)-h.history):]
+	if since >= 0 {
 		i := sort.Search(len(h.recent), func(i int) bool { return h.recent[i].ID > since })
-		msgs = h.recent[i:]
-		if len(msgs) > h.replayMax {
-			msgs = msgs[len(msgs)-h.replayMax:]
-		}
-		if h.missed(since, msgs) {
-			h.deliver(c, gapFrame)
+		msgs = h.recent[max(i, len(h.recent)-h.replayMax):]
+		// Ids have no holes, so one between since and the first replayed
+		// message was deleted or is beyond replayMax.
+		if len(msgs) == 0 && since < h.lastID || len(msgs) > 0 && msgs[0].ID > since+1 {
+			h.send(c, gapFrame)
 		}
 	}
 	for _, m := range msgs {
-		h.deliver(c, h.historyFrame(m))
+		h.send(c, messageFrame(m, true))
 	}
 }
 
-// missed reports whether messages after since exist, or existed, that a
-// replay of msgs leaves out. Ids are handed out without holes, so any id
-// between since and the first replayed one was deleted or cut off.
-func (h *Hub) missed(since int64, msgs []Message) bool {
-	if len(msgs) == 0 {
-		return since < h.lastID
+func (h *Hub) deliver(p publication) {
+	if p.refusal != nil {
+		h.send(p.from, p.refusal)
+		return
 	}
-	return msgs[0].ID > since+1
+	h.recent = append(h.recent, p.msg)
+	if keep := max(h.history, h.replayMax); len(h.recent) > 2*keep {
+		// Copying at twice the size keeps appends amortised O(1).
+		h.recent = slices.Clone(h.recent[len(h.recent)-keep:])
+	}
+	h.lastID = p.msg.ID
+	h.broadcast(messageFrame(p.msg, false), p.from)
+	h.send(p.from, ackFrame(p.msg.ID))
 }
 
-func (h *Hub) historyFrame(m Message) []byte {
-	if f, ok := h.frames[m.ID]; ok {
-		return f
+// send queues frame for c, if c is still here, and drops c when its queue
+// is full.
+func (h *Hub) send(c *client, frame []byte) {
+	if h.clients[strings.ToLower(c.user)] != c {
+		return
 	}
-	f := messageFrame(m, true)
-	h.frames[m.ID] = f
-	return f
-}
-
-func (h *Hub) handlePublished(m Message, from *client) {
-	h.recent = append(h.recent, m)
-	h.lastID = max(h.lastID, m.ID)
-	h.trimRecent()
-	h.broadcast(messageFrame(m, false), from)
-	if from.active {
-		h.deliver(from, ackFrame(m.ID))
+	if !c.enqueue(frame) {
+		h.log.Warn("dropping slow websocket client", "user", c.user)
+		h.remove(c, closePolicyViolation)
 	}
 }
 
-// trimRecent keeps at least the newest recentCap messages. It lets the
-// slice grow to twice that before copying, so appends stay amortised O(1).
-func (h *Hub) trimRecent() {
-	if limit := h.recentCap(); len(h.recent) > 2*limit {
-		h.dropOldest(len(h.recent) - limit)
-	}
-}
-
-// forgetThrough drops recent messages with id <= id, after retention
-// deleted them from the database.
-func (h *Hub) forgetThrough(id int64) {
-	h.dropOldest(sort.Search(len(h.recent), func(i int) bool { return h.recent[i].ID > id }))
-}
-
-func (h *Hub) dropOldest(n int) {
-	for _, m := range h.recent[:n] {
-		delete(h.frames, m.ID)
-	}
-	h.recent = slices.Clone(h.recent[n:])
-}
-
-// broadcast queues frame for every active client but except. A client whose
-// queue is full is dropped after the loop, so that its leave event comes
-// after this frame for everyone.
+// broadcast queues frame for every client but except. Clients whose queue
+// is full are dropped after the loop, so their leave comes after frame.
 func (h *Hub) broadcast(frame []byte, except *client) {
 	var slow []*client
 	for _, c := range h.clients {
-		if c == except || !c.active {
-			continue
-		}
-		if !c.enqueue(frame) {
+		if c != except && !c.enqueue(frame) {
 			slow = append(slow, c)
-			continue
 		}
-		h.markDirty(c)
 	}
 	for _, c := range slow {
 		h.log.Warn("dropping slow websocket client", "user", c.user)
@@ -241,208 +191,121 @@ func (h *Hub) broadcast(frame []byte, except *client) {
 	}
 }
 
-// releaseMemoryAfterDrop hands memory back to the system once most of a
-// large crowd has left. Go keeps freed heap for reuse and returns it slowly,
-// and nothing allocates to prompt it when the room has gone quiet; on a
-// small VPS, the memory of yesterday's peak is better given back.
-func (h *Hub) releaseMemoryAfterDrop() {
-	if h.peak >= releaseAfterPeak && len(h.clients) < h.peak/4 {
-		go debug.FreeOSMemory()
-		h.peak = len(h.clients)
-	}
-}
-
-// releaseAfterPeak is the crowd below which a drop is not worth a GC.
-const releaseAfterPeak = 1000
-
-// dropSilent drops the clients that have sent nothing, not even a pong,
-// for two ping intervals: their peer is gone without a word (a half-open
-// connection) or has stopped reading.
-func (h *Hub) dropSilent(now time.Time) {
-	var silent []*client
-	for _, c := range h.clients {
-		if c.active && c.silentFor(now) > 2*h.pingInterval {
-			silent = append(silent, c)
-		}
-	}
-	for _, c := range silent {
-		h.log.Info("dropping silent websocket client", "user", c.user)
-		h.remove(c, closePolicyViolation)
-	}
-}
-
-// deliver queues frame for one client, dropping it when its queue is full.
-func (h *Hub) deliver(c *client, frame []byte) {
-	if !c.enqueue(frame) {
-		h.remove(c, closePolicyViolation)
-		return
-	}
-	h.markDirty(c)
-}
-
-// flushBudget is how many deliveries the hub queues before it flushes.
-const flushBudget = 1 << 18
-
-func (h *Hub) markDirty(c *client) {
-	h.queuedSinceFlush++
-	if !c.dirty {
-		c.dirty = true
-		h.dirty = append(h.dirty, c)
-	}
-}
-
-// flush writes, for each client that got frames since the last flush, all
-// of them at once.
-func (h *Hub) flush() {
-	for _, c := range h.dirty {
-		c.dirty = false
-		h.scratch = c.flush(h.scratch)
-	}
-	clear(h.dirty)
-	h.dirty = h.dirty[:0]
-	h.queuedSinceFlush = 0
-}
-
-// remove takes c out of the set, tells the others it left and, when code is
-// not 0, closes its socket with that code.
+// remove takes c out, closes its socket with code and tells the others.
 func (h *Hub) remove(c *client, code int) {
 	key := strings.ToLower(c.user)
 	if h.clients[key] != c {
 		return
 	}
 	delete(h.clients, key)
-	if code != 0 {
-		c.close(code)
-	}
-	if c.active && !h.closing { // at shutdown, announceShutdown told everyone
-		h.broadcast(eventFrame("leave", c.user), nil)
-	}
-	c.active = false
+	c.close(code)
+	h.broadcast(eventFrame("leave", c.user), nil)
 }
 
-// announceShutdown tells every client that the others are leaving, before
-// their close frames. In a crowd that is a frame for every pair, so beyond
-// shutdownLeaveLimit clients the close frame alone says it.
-func (h *Hub) announceShutdown() {
-	if len(h.clients) > shutdownLeaveLimit {
-		return
-	}
+// closeAll tells everyone that the others are leaving and closes every
+// socket with code. Beyond shutdownLeaveLimit clients that is a frame for
+// too many pairs, and the close frame alone says it.
+func (h *Hub) closeAll(code int) {
+	announce := len(h.clients) <= shutdownLeaveLimit
 	for _, c := range h.clients {
-		if c.active {
+		if announce {
 			h.broadcast(eventFrame("leave", c.user), c)
 		}
 	}
+	for _, c := range h.clients {
+		c.close(code)
+	}
+	clear(h.clients)
 }
 
 const shutdownLeaveLimit = 1000
 
-func (h *Hub) closeAll(code int) {
-	h.closing = true
-	for _, c := range h.clients {
-		c.close(code)
-	}
-}
-
-// waitForLeaves keeps doing the hub's work until every client has gone, so
-// the readers of closed sockets can finish.
-func (h *Hub) waitForLeaves() {
-	for len(h.clients) > 0 {
-		(<-h.work)()
-	}
-}
-
-// call runs f on the hub goroutine and waits for it. It reports false when
-// the hub has stopped.
-func (h *Hub) call(f func()) bool {
-	done := make(chan struct{})
-	select {
-	case h.work <- func() { f(); close(done) }:
-	case <-h.done:
-		return false
-	}
-	select {
-	case <-done:
-		return true
-	case <-h.done: // stopped with f still queued
-		return false
-	}
-}
-
-// Reserve claims the single socket slot of c.user.
-func (h *Hub) Reserve(c *client) reserveResult {
-	result := reserveFull
-	h.call(func() { result = h.handleReserve(c) })
-	return result
-}
-
-// Activate starts delivering to a reserved client whose socket is open.
-func (h *Hub) Activate(c *client, since int64) {
-	h.call(func() { h.handleActivate(c, since) })
-}
-
-// Leave removes c and returns once the others have been told. Closing the
-// socket is the caller's business.
-func (h *Hub) Leave(c *client) {
-	h.call(func() { h.remove(c, 0) })
-}
-
-// Publish hands a committed message to the hub for delivery, without
-// waiting for it to be delivered.
-func (h *Hub) Publish(m Message, from *client) {
-	select {
-	case h.work <- func() { h.handlePublished(m, from) }:
-	case <-h.done:
-	}
-}
-
-// Online returns the names of users with an open socket, sorted.
-func (h *Hub) Online() []string {
+func (h *Hub) names() []string {
 	names := []string{}
-	h.call(func() {
-		for _, c := range h.clients {
-			if c.active {
-				names = append(names, c.user)
-			}
-		}
-	})
+	for _, c := range h.clients {
+		names = append(names, c.user)
+	}
 	sort.Strings(names)
 	return names
 }
 
-// IsOnline reports whether user has an open socket.
-func (h *Hub) IsOnline(user string) bool {
-	online := false
-	h.call(func() {
-		c := h.clients[strings.ToLower(user)]
-		online = c != nil && c.active
-	})
-	return online
+// Register adds c, a client whose socket is about to open, and queues its
+// history: since < 0 for the last -history messages, else those after since.
+func (h *Hub) Register(c *client, since int64) error {
+	r := registration{client: c, since: since, result: make(chan error, 1)}
+	select {
+	case h.register <- r:
+		return <-r.result
+	case <-h.done:
+		return errFull
+	}
 }
 
-// Logout closes the socket opened with session id, if any.
-func (h *Hub) Logout(user, session string) {
-	h.call(func() {
-		if c := h.clients[strings.ToLower(user)]; c != nil && c.session == session {
-			h.remove(c, closeNormal)
-		}
-	})
+// Unregister removes c, if still there, and closes its socket with code.
+func (h *Hub) Unregister(c *client, code int) {
+	h.depart(h.unregister, departure{client: c, code: code})
 }
 
-// Forget drops replayable messages with id <= id (deleted by retention).
+// Kick closes user's socket with code, if it was opened with session
+// (any session when it is "").
+func (h *Hub) Kick(user, session string, code int) {
+	h.depart(h.kick, departure{user: user, session: session, code: code})
+}
+
+func (h *Hub) depart(ch chan departure, d departure) {
+	select {
+	case ch <- d:
+	case <-h.done:
+	}
+}
+
+// Publish broadcasts a stored message and acks it to its sender.
+func (h *Hub) Publish(from *client, m Message) {
+	select {
+	case h.publish <- publication{from: from, msg: m}:
+	case <-h.done:
+	}
+}
+
+// Refuse sends from an error ack, in order with its other acks.
+func (h *Hub) Refuse(from *client, ack []byte) {
+	select {
+	case h.publish <- publication{from: from, refusal: ack}:
+	case <-h.done:
+	}
+}
+
+// Forget drops replayable messages with id <= id, which retention deletes.
 func (h *Hub) Forget(id int64) {
-	h.call(func() { h.forgetThrough(id) })
+	select {
+	case h.forget <- id:
+	case <-h.done:
+	}
 }
 
-// Shutdown closes every socket with code and returns when their readers
-// have left, or when ctx is done. Later calls do nothing.
+// Online returns the names of the users with an open socket, sorted.
+func (h *Hub) Online() []string {
+	reply := make(chan []string, 1)
+	select {
+	case h.online <- reply:
+		return <-reply
+	case <-h.done:
+		return []string{}
+	}
+}
+
+// Shutdown closes every socket with code and waits, until ctx is done, for
+// their handlers to return.
 func (h *Hub) Shutdown(ctx context.Context, code int) {
 	select {
 	case h.quit <- code:
 	case <-h.done:
-		return
 	}
+	<-h.done
+	finished := make(chan struct{})
+	go func() { h.sockets.Wait(); close(finished) }()
 	select {
-	case <-h.done:
+	case <-finished:
 	case <-ctx.Done():
 	}
 }
@@ -460,18 +323,14 @@ type messageJSON struct {
 // timeFormat is RFC 3339 in UTC with a fixed millisecond width.
 const timeFormat = "2006-01-02T15:04:05.000Z07:00"
 
-func messageFrame(m Message, history bool) []byte {
-	return textFrame(mustJSON(messageJSON{
-		Message: m.Text, Author: m.Author, ID: m.ID,
-		Time: m.Time.UTC().Format(timeFormat), History: history,
-	}))
+func toJSON(m Message, history bool) messageJSON {
+	return messageJSON{Message: m.Text, Author: m.Author, ID: m.ID, Time: m.Time.UTC().Format(timeFormat), History: history}
 }
 
+func messageFrame(m Message, history bool) []byte { return textFrame(mustJSON(toJSON(m, history))) }
+
 func eventFrame(event, user string) []byte {
-	return textFrame(mustJSON(struct {
-		Event    string `json:"event"`
-		Username string `json:"username"`
-	}{event, user}))
+	return textFrame(mustJSON(map[string]string{"event": event, "username": user}))
 }
 
 func ackFrame(id int64) []byte {
@@ -482,16 +341,11 @@ func ackFrame(id int64) []byte {
 }
 
 func errorAckFrame(code string) []byte {
-	return textFrame(mustJSON(struct {
-		Status bool   `json:"status"`
-		Code   string `json:"code"`
-	}{false, code}))
+	return textFrame(mustJSON(map[string]any{"status": false, "code": code}))
 }
 
 var (
-	gapFrame  = textFrame([]byte(`{"event":"gap"}`))
-	pingFrame = wsFrame(opPing, nil)
-
+	gapFrame        = textFrame([]byte(`{"event":"gap"}`))
 	ackTooLong      = errorAckFrame("message_too_long")
 	ackInvalid      = errorAckFrame("invalid_message")
 	ackRateLimited  = errorAckFrame("rate_limited")

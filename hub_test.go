@@ -1,6 +1,9 @@
 package main
 
 import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -8,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -244,7 +248,7 @@ func TestEveryReceiverSeesTheSameOrder(t *testing.T) {
 
 func TestBurstReachesEveryReadingClient(t *testing.T) {
 	s := startServer(t)
-	const n = 6000
+	const n = 2000 // about 700 KB: more than the socket buffers hold
 	sender := s.connect(t, s.user(t, "Burst"))
 	var readers []*wsConn
 	for i := range 3 {
@@ -322,7 +326,7 @@ func TestStalledReaderDoesNotDelayOthersAndIsDropped(t *testing.T) {
 		}
 	}()
 	text := strings.Repeat("s", 300)
-	const n = 4000 // about 1.5 MB: far more than the socket buffers hold
+	const n = 1500 // about 500 KB: far more than the socket buffers hold
 	go func() {
 		for range n {
 			if sender.writeFrame(opText, mustJSON(map[string]string{"message": text})) != nil {
@@ -494,61 +498,76 @@ func TestLibraryClientInteroperates(t *testing.T) {
 	}
 }
 
-// benchHub returns a hub with n active clients on real loopback sockets
-// whose peers read and discard everything.
-func benchHub(b *testing.B, n int, oneFramePerWrite bool) *Hub {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer ln.Close()
-	h := NewHub(HubConfig{MaxConns: n}, nil, 0, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	for i := range n {
-		peer, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			b.Fatal(err)
+// countFrames reads server frames from r and calls done after every
+// perRound frames whose payload is size bytes long, until r fails.
+func countFrames(r io.Reader, size, perRound int, done func()) {
+	br := bufio.NewReader(r)
+	n := 0
+	for {
+		hdr := make([]byte, 2)
+		if _, err := io.ReadFull(br, hdr); err != nil {
+			return
 		}
-		go io.Copy(io.Discard, peer)
-		nc, err := ln.Accept()
-		if err != nil {
-			b.Fatal(err)
+		length := int(hdr[1] & 0x7F)
+		if length == 126 {
+			io.ReadFull(br, hdr)
+			length = int(binary.BigEndian.Uint16(hdr))
 		}
-		b.Cleanup(func() { nc.Close(); peer.Close() })
-		conn := newRawConn(nc, oneFramePerWrite)
-		conn.uncork()
-		c := newClient(h, fmt.Sprintf("user%d", i), "")
-		c.attach(conn)
-		c.active = true
-		h.clients[c.user] = c
+		if _, err := br.Discard(length); err != nil {
+			return
+		}
+		if length == size {
+			if n++; n%perRound == 0 {
+				done()
+			}
+		}
 	}
-	return h
 }
 
-// BenchmarkBroadcast is the hub's delivery path: encode nothing (the frame
-// is ready), queue it for 200 clients, flush. With several messages per
-// flush, as when the hub is busy, each client gets them in one write.
+// BenchmarkBroadcast is the delivery path without the database: the hub
+// queues each message for 200 clients, and their write pumps write to real
+// loopback sockets whose peers count what arrives. With several messages
+// in flight, as when the room is busy, a pump sends them in one write.
 // Compare ns/delivery across the sub-benchmarks of one run.
 func BenchmarkBroadcast(b *testing.B) {
-	frame := messageFrame(Message{ID: 1, Author: "bench", Text: strings.Repeat("x", 300), Time: time.Now()}, false)
-	for _, bc := range []struct {
-		name     string
-		perFlush int
-		oneEach  bool
-	}{
-		{"1msg-per-flush", 1, false},
-		{"16msgs-per-flush", 16, false},
-		{"16msgs-per-flush-one-write-each", 16, true},
-	} {
-		b.Run(bc.name, func(b *testing.B) {
+	msg := Message{ID: 1, Author: "bench", Text: strings.Repeat("x", 300), Time: time.Now()}
+	size := len(messageFrame(msg, false)) - 4 // less the 4-byte header
+	for _, perRound := range []int{1, 16} {
+		b.Run(fmt.Sprintf("%dmsgs-in-flight", perRound), func(b *testing.B) {
 			const clients = 200
-			h := benchHub(b, clients, bc.oneEach)
+			h := NewHub(nil, 0, 0, 0, clients, slog.New(slog.DiscardHandler))
+			ln, err := net.Listen("tcp", "127.0.0.1:0")
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer ln.Close()
+			var round sync.WaitGroup
+			for i := range clients {
+				peer, err := net.Dial("tcp", ln.Addr().String())
+				if err != nil {
+					b.Fatal(err)
+				}
+				nc, err := ln.Accept()
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.Cleanup(func() { nc.Close(); peer.Close() })
+				c := newClient(fmt.Sprintf("user%d", i), "")
+				if err := h.Register(c, -1); err != nil {
+					b.Fatal(err)
+				}
+				go c.writePump(&socketConn{Conn: nc, silence: time.Hour}, h, time.Hour)
+				go countFrames(peer, size, perRound, round.Done)
+			}
+			sender := newClient("sender", "")
 			b.ReportAllocs()
 			b.ResetTimer()
-			for i := 0; i < b.N; i += bc.perFlush {
-				for range bc.perFlush {
-					h.broadcast(frame, nil)
+			for range (b.N + perRound - 1) / perRound {
+				round.Add(clients)
+				for range perRound {
+					h.Publish(sender, msg)
 				}
-				h.flush()
+				round.Wait()
 			}
 			b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/clients, "ns/delivery")
 		})
@@ -589,4 +608,72 @@ func TestGoroutinesReturnToIdleAfterClientsLeave(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+func TestAcksLeaveInFrameOrder(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	ws := s.connect(t, s.user(t, "Orderly"))
+	var burst bytes.Buffer
+	for _, f := range []struct {
+		op      byte
+		payload string
+	}{
+		{opText, `{"message":"first"}`},
+		{opText, fmt.Sprintf(`{"message":%q}`, strings.Repeat("x", maxMessageRunes+1))},
+		{0x2, `{"message":"binary"}`},
+		{opText, `{"message":"last"}`},
+	} {
+		burst.Write(maskedFrame(f.op, []byte(f.payload)))
+	}
+	if _, err := ws.c.Write(burst.Bytes()); err != nil { // one write: all four arrive together
+		t.Fatal(err)
+	}
+	want := []string{"true", "message_too_long", "invalid_message", "true"}
+	for i, w := range want {
+		f := ws.next()
+		got := fmt.Sprint(f["status"])
+		if f["status"] == false {
+			got = fmt.Sprint(f["code"])
+		}
+		if got != w {
+			t.Fatalf("ack %d is %v, want %s", i, f, w)
+		}
+	}
+}
+
+func TestPingFloodingNonReaderDelaysNoOne(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	flooder := s.connect(t, s.user(t, "Flooder"))
+	reader := s.connect(t, s.user(t, "Reader"))
+	sender := s.connect(t, s.user(t, "Sender"))
+	reader.nextWhere(isEvent("join", "Sender"))
+	// The flooder never reads and pings as fast as it can: the server's
+	// pongs to it soon block on a full socket.
+	go func() {
+		ping := maskedFrame(opPing, bytes.Repeat([]byte("p"), 125))
+		for {
+			if _, err := flooder.c.Write(ping); err != nil {
+				return
+			}
+		}
+	}()
+	// Meanwhile everyone else is served at once: each message arrives, and
+	// login and /api/online answer, long before the stalled flooder is
+	// dropped after the write timeout (5 s).
+	var delays []time.Duration
+	for i := range 20 {
+		start := time.Now()
+		sender.sendMessage(fmt.Sprint("m", i))
+		if f := reader.next(); f["message"] != fmt.Sprint("m", i) {
+			t.Fatalf("reader got %v before message %d: the flooder was dropped already, or the hub stalled", f, i)
+		}
+		delays = append(delays, time.Since(start))
+		cookie := s.user(t, fmt.Sprint("Visitor", i))
+		s.request(t, "GET", "/api/online", "", cookie).expect(t, 200)
+	}
+	slices.Sort(delays)
+	t.Logf("delivery while the flooder stalls: p50 %v, p90 %v", delays[10], delays[18])
+	reader.nextWhere(isEvent("leave", "Flooder"))
 }

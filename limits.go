@@ -21,6 +21,7 @@ import (
 type rateLimiter struct {
 	rate  float64
 	burst float64
+	now   func() time.Time
 
 	mu      sync.Mutex
 	buckets map[string]*bucket
@@ -31,8 +32,8 @@ type bucket struct {
 	last   time.Time
 }
 
-func newRateLimiter(rate float64, burst int) *rateLimiter {
-	return &rateLimiter{rate: rate, burst: float64(max(burst, 1)), buckets: make(map[string]*bucket)}
+func newRateLimiter(rate float64, burst int, now func() time.Time) *rateLimiter {
+	return &rateLimiter{rate: rate, burst: float64(max(burst, 1)), now: now, buckets: make(map[string]*bucket)}
 }
 
 // Allow takes a token for key. When there is none it reports false and how
@@ -41,7 +42,7 @@ func (l *rateLimiter) Allow(key string) (bool, time.Duration) {
 	if l.rate <= 0 {
 		return true, 0
 	}
-	now := time.Now()
+	now := l.now()
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	b := l.buckets[key]
@@ -64,7 +65,8 @@ func (l *rateLimiter) RunCleanup(ctx context.Context, interval time.Duration) {
 	if l.rate <= 0 {
 		return
 	}
-	every(ctx, interval, func(now time.Time) {
+	every(ctx, interval, func() {
+		now := l.now()
 		l.mu.Lock()
 		defer l.mu.Unlock()
 		for key, b := range l.buckets {
@@ -77,9 +79,9 @@ func (l *rateLimiter) RunCleanup(ctx context.Context, interval time.Duration) {
 
 // limitAuth answers 429 with Retry-After when the client IP has used up
 // its registrations and logins.
-func limitAuth(d *deps, next http.Handler) http.Handler {
+func limitAuth(limit *rateLimiter, trusted []netip.Prefix, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ok, wait := d.authRate.Allow(clientIP(r, d.cfg.TrustedProxies))
+		ok, wait := limit.Allow(clientIP(r, trusted))
 		if !ok {
 			w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
 			writeError(w, http.StatusTooManyRequests, "too many requests, slow down")

@@ -38,7 +38,6 @@ type config struct {
 	TLSKey         string
 	AllowedOrigins map[string]bool
 	PingInterval   time.Duration
-	CoalesceWrites bool
 
 	MsgRate        float64
 	MsgBurst       int
@@ -50,11 +49,15 @@ type config struct {
 	History     int
 	ReplayMax   int
 	HistoryKeep time.Duration
+
+	// Set by tests only: the clock, and how often cleanup and retention run.
+	now          func() time.Time
+	cleanupEvery time.Duration
 }
 
 // parseConfig reads the flags. Usage goes to out.
 func parseConfig(args []string, out io.Writer) (config, error) {
-	var cfg config
+	cfg := config{now: time.Now, cleanupEvery: time.Minute}
 	fs := flag.NewFlagSet("gochat", flag.ContinueOnError)
 	fs.SetOutput(out)
 	fs.StringVar(&cfg.Addr, "addr", "0.0.0.0:7777", "listen address")
@@ -64,7 +67,6 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 	fs.StringVar(&cfg.TLSKey, "tls-key", "", "TLS private key file")
 	origins := fs.String("allowed-origins", "", "comma-separated extra origins allowed to open the WebSocket")
 	fs.DurationVar(&cfg.PingInterval, "ping-interval", 30*time.Second, "how often sockets are pinged; one silent for twice this is dropped")
-	fs.BoolVar(&cfg.CoalesceWrites, "coalesce-writes", true, "send all frames queued for a socket in one write (false: one write per frame, for comparison)")
 	fs.Float64Var(&cfg.MsgRate, "msg-rate", 5, "chat messages per second per user, refill rate (0: no limit)")
 	fs.IntVar(&cfg.MsgBurst, "msg-burst", 10, "chat messages a user may send at once")
 	fs.Float64Var(&cfg.AuthRate, "auth-rate", 1, "registrations and logins per second per client IP, refill rate (0: no limit)")
@@ -186,29 +188,23 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	if err != nil {
 		return err
 	}
-
-	sessions := NewSessions(cfg.SessionTTL, store)
-	if err := sessions.Load(context.Background()); err != nil {
+	sessions, err := NewSessions(ctx, cfg.SessionTTL, cfg.now, store)
+	if err != nil {
 		return err
 	}
+	authRate := newRateLimiter(cfg.AuthRate, cfg.AuthBurst, cfg.now)
+	msgRate := newRateLimiter(cfg.MsgRate, cfg.MsgBurst, cfg.now)
+	chat := &chat{hub: hub, store: store, sessions: sessions, limit: msgRate, now: cfg.now, log: log}
+
 	bg, stopBackground := context.WithCancel(context.Background())
 	defer stopBackground()
-	d := &deps{
-		cfg:      cfg,
-		log:      log,
-		store:    store,
-		sessions: sessions,
-		hub:      hub,
-		authRate: newRateLimiter(cfg.AuthRate, cfg.AuthBurst),
-		msgRate:  newRateLimiter(cfg.MsgRate, cfg.MsgBurst),
-	}
-	go d.sessions.RunCleanup(bg, min(cfg.SessionTTL, time.Minute), func(err error) { log.Error("sessions", "err", err) })
-	go d.authRate.RunCleanup(bg, time.Minute)
-	go d.msgRate.RunCleanup(bg, time.Minute)
-	go runRetention(bg, store, hub, cfg.HistoryKeep, log)
+	go sessions.RunCleanup(bg, min(cfg.SessionTTL, cfg.cleanupEvery), func(err error) { log.Error("sessions", "err", err) })
+	go authRate.RunCleanup(bg, time.Minute)
+	go msgRate.RunCleanup(bg, time.Minute)
+	go runRetention(bg, cfg, store, hub, log)
 
 	srv := &http.Server{
-		Handler:           routes(d),
+		Handler:           routes(cfg, log, store, sessions, hub, chat, authRate),
 		TLSConfig:         tlsConfig,
 		ReadHeaderTimeout: 5 * time.Second,
 		ReadTimeout:       15 * time.Second,
@@ -243,7 +239,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		log.Warn("requests still running at shutdown", "err", err)
 	}
 	stopBackground()
-	if err := sessions.Flush(context.Background()); err != nil {
+	if err := sessions.Save(context.Background()); err != nil {
 		log.Error("sessions", "err", err)
 	}
 	if err := store.Close(); err != nil {
@@ -255,7 +251,6 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 
 // startHub starts the hub with the stored messages it may replay.
 func startHub(cfg config, store *Store, log *slog.Logger) (*Hub, error) {
-	hcfg := HubConfig{MaxConns: cfg.MaxConns, History: cfg.History, ReplayMax: cfg.ReplayMax, PingInterval: cfg.PingInterval}
 	ctx := context.Background()
 	recent, err := store.Messages(ctx, 0, max(cfg.History, cfg.ReplayMax))
 	if err != nil {
@@ -265,36 +260,37 @@ func startHub(cfg config, store *Store, log *slog.Logger) (*Hub, error) {
 	if err != nil {
 		return nil, err
 	}
-	hub := NewHub(hcfg, recent, lastID, log)
-	go hub.Run()
-	return hub, nil
+	return NewHub(recent, lastID, cfg.History, cfg.ReplayMax, cfg.MaxConns, log), nil
 }
 
-// runRetention deletes messages older than keep, waking every keep/10 but
-// at least once a minute.
-func runRetention(ctx context.Context, store *Store, hub *Hub, keep time.Duration, log *slog.Logger) {
-	every(ctx, max(min(keep/10, time.Minute), time.Millisecond), func(now time.Time) {
-		n, maxID, err := store.DeleteMessagesBefore(ctx, now.Add(-keep), 500)
+// runRetention deletes messages older than -history-keep, waking every
+// tenth of it but at least once a minute. The hub forgets them first, so
+// that it never replays a message the database no longer has.
+func runRetention(ctx context.Context, cfg config, store *Store, hub *Hub, log *slog.Logger) {
+	every(ctx, min(cfg.HistoryKeep/10, cfg.cleanupEvery), func() {
+		id, err := store.LastMessageBefore(ctx, cfg.now().Add(-cfg.HistoryKeep))
+		if id > 0 {
+			hub.Forget(id)
+			var n int64
+			n, err = store.DeleteMessagesThrough(ctx, id)
+			log.Info("retention deleted old messages", "count", n)
+		}
 		if err != nil && ctx.Err() == nil {
 			log.Error("retention", "err", err)
-		}
-		if n > 0 {
-			hub.Forget(maxID)
-			log.Info("retention deleted old messages", "count", n)
 		}
 	})
 }
 
-// every calls f with the time every interval until ctx is done.
-func every(ctx context.Context, interval time.Duration, f func(now time.Time)) {
-	t := time.NewTicker(interval)
+// every calls f every interval until ctx is done.
+func every(ctx context.Context, interval time.Duration, f func()) {
+	t := time.NewTicker(max(interval, time.Millisecond))
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
-		case now := <-t.C:
-			f(now)
+		case <-t.C:
+			f()
 		}
 	}
 }

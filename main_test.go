@@ -55,14 +55,41 @@ type testServer struct {
 	addr   string
 	url    string
 	dbPath string
+	clock  *testClock
 	cancel context.CancelFunc
 	done   chan error
+}
+
+// testClock is the server's clock in tests, moved by hand, so that expiry
+// and retention are tested without waiting for them.
+type testClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *testClock) Now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.now
+}
+
+func (c *testClock) Advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
 }
 
 // startServer starts the server with args on 127.0.0.1:0 and a database in
 // a fresh temporary directory (unless args name one). Limits that tests
 // would trip by accident are off unless args set them.
 func startServer(t testing.TB, args ...string) *testServer {
+	t.Helper()
+	return startServerAt(t, &testClock{now: time.Now()}, args...)
+}
+
+// startServerAt is startServer with the server's clock at clock, and its
+// cleanup and retention running every 20ms.
+func startServerAt(t testing.TB, clock *testClock, args ...string) *testServer {
 	t.Helper()
 	defaults := []string{"-db", filepath.Join(t.TempDir(), "chat.db"), "-msg-rate", "0", "-auth-rate", "0"}
 	cfg, err := parseConfig(append(defaults, args...), io.Discard)
@@ -73,8 +100,9 @@ func startServer(t testing.TB, args ...string) *testServer {
 	if err != nil {
 		t.Fatal(err)
 	}
+	cfg.now, cfg.cleanupEvery = clock.Now, 20*time.Millisecond
 	ctx, cancel := context.WithCancel(context.Background())
-	s := &testServer{t: t, addr: ln.Addr().String(), dbPath: cfg.DB, cancel: cancel, done: make(chan error, 1)}
+	s := &testServer{t: t, addr: ln.Addr().String(), dbPath: cfg.DB, clock: clock, cancel: cancel, done: make(chan error, 1)}
 	s.url = "http://" + s.addr
 	logOut := io.Discard
 	if os.Getenv("GOCHAT_TEST_LOG") != "" {
@@ -270,6 +298,12 @@ func (s *testServer) connect(t testing.TB, cookie *http.Cookie, opts ...dialOpts
 func (w *wsConn) writeFrame(opcode byte, payload []byte) error {
 	w.mu.Lock()
 	defer w.mu.Unlock()
+	_, err := w.c.Write(maskedFrame(opcode, payload))
+	return err
+}
+
+// maskedFrame frames payload as a client must: final and masked.
+func maskedFrame(opcode byte, payload []byte) []byte {
 	hdr := []byte{0x80 | opcode}
 	switch n := len(payload); {
 	case n < 126:
@@ -286,8 +320,7 @@ func (w *wsConn) writeFrame(opcode byte, payload []byte) error {
 	for i := range payload {
 		masked[i] = payload[i] ^ mask[i%4]
 	}
-	_, err := w.c.Write(append(append(hdr, mask...), masked...))
-	return err
+	return append(append(hdr, mask...), masked...)
 }
 
 func (w *wsConn) sendText(s string) {
@@ -627,8 +660,7 @@ func TestSessionSurvivesKill9AndExpiresAcrossRestarts(t *testing.T) {
 	if err := s2.stop(); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(2500 * time.Millisecond)
-	s3 := startServer(t, "-db", db, "-session-ttl", "2s")
+	s3 := startServerAt(t, &testClock{now: time.Now().Add(3 * time.Second)}, "-db", db, "-session-ttl", "2s")
 	s3.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 401)
 }
 

@@ -14,25 +14,17 @@ import (
 // Expiry is decided on lookup, so an expired session is refused at once;
 // the cleanup goroutine only frees memory and old rows.
 //
-// The map is the truth while the server runs. It is also written through to
-// the database (only a hash of each id), so that a restart does not log
-// everyone out: clients reconnect and carry on. Uses are saved in batches by
-// the cleanup goroutine and at shutdown, not on every request.
+// The map is the truth while the server runs. Each new session is also
+// written to the database (only a hash of its id), so that a restart does
+// not log everyone out; uses are saved in batches by the cleanup goroutine
+// and at shutdown, not on every request.
 type Sessions struct {
 	ttl   time.Duration
-	store SessionStore // nil: memory only
+	now   func() time.Time // time.Now, or a clock a test sets
+	store *Store
 
 	mu sync.Mutex
 	m  map[sessionKey]*session
-}
-
-// SessionStore is where sessions outlive the process.
-type SessionStore interface {
-	SaveSession(ctx context.Context, key []byte, user string, lastUsed time.Time) error
-	DeleteSession(ctx context.Context, key []byte) error
-	TouchSessions(ctx context.Context, used map[string]time.Time) error
-	DeleteSessionsBefore(ctx context.Context, cutoff time.Time) error
-	LoadSessions(ctx context.Context, since time.Time, each func(key []byte, user string, lastUsed time.Time)) error
 }
 
 // sessionKey is the SHA-256 of a session id: what the map and the database
@@ -53,36 +45,25 @@ func (s *session) expired(now time.Time, ttl time.Duration) bool {
 	return s.sockets == 0 && now.Sub(s.lastUsed) > ttl
 }
 
-// NewSessions returns an empty session map whose sessions live ttl, saved
-// to store unless it is nil.
-func NewSessions(ttl time.Duration, store SessionStore) *Sessions {
-	return &Sessions{ttl: ttl, store: store, m: make(map[sessionKey]*session)}
-}
-
-// Load reads back the sessions that were live when the server stopped.
-func (s *Sessions) Load(ctx context.Context) error {
-	if s.store == nil {
-		return nil
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.store.LoadSessions(ctx, time.Now().Add(-s.ttl), func(key []byte, user string, lastUsed time.Time) {
-		s.m[sessionKey(key)] = &session{user: user, lastUsed: lastUsed}
+// NewSessions returns the sessions saved in store that are still live.
+func NewSessions(ctx context.Context, ttl time.Duration, now func() time.Time, store *Store) (*Sessions, error) {
+	s := &Sessions{ttl: ttl, now: now, store: store, m: make(map[sessionKey]*session)}
+	err := store.LoadSessions(ctx, now().Add(-ttl), func(key sessionKey, user string, lastUsed time.Time) {
+		s.m[key] = &session{user: user, lastUsed: lastUsed}
 	})
+	return s, err
 }
 
-// Create starts a session for user and returns its id. The session is saved
-// before Create returns.
+// Create starts a session for user and returns its id, saved before
+// Create returns.
 func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 	id, err := randomToken(32)
 	if err != nil {
 		return "", fmt.Errorf("new session: %w", err)
 	}
-	key, now := keyOf(id), time.Now()
-	if s.store != nil {
-		if err := s.store.SaveSession(ctx, key[:], user, now); err != nil {
-			return "", fmt.Errorf("new session: %w", err)
-		}
+	key, now := keyOf(id), s.now()
+	if err := s.store.SaveSession(ctx, key[:], user, now); err != nil {
+		return "", fmt.Errorf("new session: %w", err)
 	}
 	s.mu.Lock()
 	s.m[key] = &session{user: user, lastUsed: now}
@@ -92,17 +73,30 @@ func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 
 // Lookup returns the user of a live session and refreshes its lifetime.
 func (s *Sessions) Lookup(id string) (user string, ok bool) {
-	key, now := keyOf(id), time.Now()
+	return s.use(id, 0)
+}
+
+// OpenSocket is Lookup for a WebSocket: the session stays alive until the
+// matching CloseSocket.
+func (s *Sessions) OpenSocket(id string) (user string, ok bool) {
+	return s.use(id, 1)
+}
+
+// CloseSocket undoes OpenSocket; the session's ttl starts again from now.
+func (s *Sessions) CloseSocket(id string) {
+	s.use(id, -1)
+}
+
+// use refreshes a live session and adds sockets to its count of open ones.
+func (s *Sessions) use(id string, sockets int) (string, bool) {
+	key, now := keyOf(id), s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	sess := s.m[key]
-	if sess == nil {
+	if sess == nil || sess.expired(now, s.ttl) {
 		return "", false
 	}
-	if sess.expired(now, s.ttl) {
-		delete(s.m, key)
-		return "", false
-	}
+	sess.sockets += sockets
 	sess.lastUsed, sess.unsaved = now, true
 	return sess.user, true
 }
@@ -113,38 +107,44 @@ func (s *Sessions) Delete(ctx context.Context, id string) error {
 	s.mu.Lock()
 	delete(s.m, key)
 	s.mu.Unlock()
-	if s.store == nil {
-		return nil
-	}
 	if err := s.store.DeleteSession(ctx, key[:]); err != nil {
 		return fmt.Errorf("end session: %w", err)
 	}
 	return nil
 }
 
-// OpenSocket keeps a live session alive until the matching CloseSocket.
-// It reports false when the session is gone or expired.
-func (s *Sessions) OpenSocket(id string) bool {
-	key, now := keyOf(id), time.Now()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	sess := s.m[key]
-	if sess == nil || sess.expired(now, s.ttl) {
-		return false
-	}
-	sess.sockets++
-	sess.lastUsed, sess.unsaved = now, true
-	return true
+// RunCleanup saves uses and forgets expired sessions every interval until
+// ctx is done, and once more then.
+func (s *Sessions) RunCleanup(ctx context.Context, interval time.Duration, onError func(error)) {
+	every(ctx, interval, func() {
+		if err := s.Save(ctx); err != nil && ctx.Err() == nil {
+			onError(err)
+		}
+	})
 }
 
-// CloseSocket undoes OpenSocket; the session's ttl starts again from now.
-func (s *Sessions) CloseSocket(id string) {
+// Save forgets expired sessions, deleting their rows, and saves the last
+// use of the others; a session with an open socket counts as used now.
+func (s *Sessions) Save(ctx context.Context) error {
+	now := s.now()
+	used := make(map[sessionKey]time.Time)
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if sess := s.m[keyOf(id)]; sess != nil && sess.sockets > 0 {
-		sess.sockets--
-		sess.lastUsed, sess.unsaved = time.Now(), true
+	for key, sess := range s.m {
+		switch {
+		case sess.expired(now, s.ttl):
+			delete(s.m, key)
+		case sess.sockets > 0:
+			used[key] = now
+		case sess.unsaved:
+			used[key] = sess.lastUsed
+		}
+		sess.unsaved = false
 	}
+	s.mu.Unlock()
+	if err := s.store.SaveSessionUses(ctx, used, now.Add(-s.ttl)); err != nil {
+		return fmt.Errorf("save sessions: %w", err)
+	}
+	return nil
 }
 
 // Len returns the number of sessions held, expired or not.
@@ -152,65 +152,6 @@ func (s *Sessions) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.m)
-}
-
-// RunCleanup sweeps expired sessions and saves recent uses every interval
-// until ctx is done.
-func (s *Sessions) RunCleanup(ctx context.Context, interval time.Duration, onError func(error)) {
-	every(ctx, interval, func(now time.Time) {
-		if err := s.sweep(ctx, now); err != nil && ctx.Err() == nil {
-			onError(err)
-		}
-	})
-}
-
-// sweep forgets expired sessions, saves the uses of the others (a session
-// with an open socket counts as used now) and deletes expired rows.
-func (s *Sessions) sweep(ctx context.Context, now time.Time) error {
-	if err := s.save(ctx, now); err != nil || s.store == nil {
-		return err
-	}
-	if err := s.store.DeleteSessionsBefore(ctx, now.Add(-s.ttl)); err != nil {
-		return fmt.Errorf("delete expired sessions: %w", err)
-	}
-	return nil
-}
-
-// collect removes expired sessions and returns the last use of every live
-// one that changed since the previous collect, by key.
-func (s *Sessions) collect(now time.Time) map[string]time.Time {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	used := make(map[string]time.Time)
-	for key, sess := range s.m {
-		switch {
-		case sess.expired(now, s.ttl):
-			delete(s.m, key)
-		case sess.sockets > 0:
-			used[string(key[:])] = now
-		case sess.unsaved:
-			used[string(key[:])] = sess.lastUsed
-		}
-		sess.unsaved = false
-	}
-	return used
-}
-
-// Flush saves every session's last use, for a clean shutdown.
-func (s *Sessions) Flush(ctx context.Context) error {
-	return s.save(ctx, time.Now())
-}
-
-// save forgets expired sessions and saves the last use of the others.
-func (s *Sessions) save(ctx context.Context, now time.Time) error {
-	used := s.collect(now)
-	if s.store == nil {
-		return nil
-	}
-	if err := s.store.TouchSessions(ctx, used); err != nil {
-		return fmt.Errorf("save sessions: %w", err)
-	}
-	return nil
 }
 
 const tokenAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
@@ -225,10 +166,9 @@ func randomToken(n int) (string, error) {
 			return "", fmt.Errorf("random token: %w", err)
 		}
 		for _, b := range buf {
-			if b >= 248 || len(out) == n {
-				continue
+			if b < 248 && len(out) < n {
+				out = append(out, tokenAlphabet[b%62])
 			}
-			out = append(out, tokenAlphabet[b%62])
 		}
 	}
 	return string(out), nil

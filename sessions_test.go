@@ -3,19 +3,36 @@ package main
 import (
 	"context"
 	"math/rand/v2"
+	"path/filepath"
 	"testing"
 	"time"
 )
 
-func TestSessionsExpireAndSweep(t *testing.T) {
+// newTestSessions returns sessions on a fresh database and a clock.
+func newTestSessions(t testing.TB, ttl time.Duration) (*Sessions, *testClock) {
+	store, err := OpenStore(filepath.Join(t.TempDir(), "chat.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { store.Close() })
+	clock := &testClock{now: time.Now()}
+	s, err := NewSessions(context.Background(), ttl, clock.Now, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, clock
+}
+
+func TestSessionsExpireAndSave(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
-	s := NewSessions(50*time.Millisecond, nil)
+	s, clock := newTestSessions(t, time.Minute)
 	idle, _ := s.Create(ctx, "idle")
 	pinned, _ := s.Create(ctx, "pinned")
-	if !s.OpenSocket(pinned) {
+	if _, ok := s.OpenSocket(pinned); !ok {
 		t.Fatal("OpenSocket on a live session failed")
 	}
-	time.Sleep(80 * time.Millisecond)
+	clock.Advance(2 * time.Minute)
 	if _, ok := s.Lookup(idle); ok {
 		t.Fatal("idle session outlived its ttl")
 	}
@@ -23,17 +40,23 @@ func TestSessionsExpireAndSweep(t *testing.T) {
 		t.Fatal("session with an open socket expired")
 	}
 	s.CloseSocket(pinned)
-	time.Sleep(80 * time.Millisecond)
-	s.sweep(ctx, time.Now())
+	clock.Advance(2 * time.Minute)
+	if err := s.Save(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if n := s.Len(); n != 0 {
-		t.Fatalf("%d sessions left after sweep, want 0", n)
+		t.Fatalf("%d sessions left after Save, want 0", n)
+	}
+	var rows int
+	if err := s.store.db.QueryRow("SELECT COUNT(*) FROM sessions").Scan(&rows); err != nil || rows != 0 {
+		t.Fatalf("%d session rows left after Save (%v), want 0", rows, err)
 	}
 }
 
 // BenchmarkSessionLookup is the lookup every authenticated request makes,
 // from all cores at once, among 10,000 sessions.
 func BenchmarkSessionLookup(b *testing.B) {
-	s := NewSessions(time.Hour, nil)
+	s, _ := newTestSessions(b, time.Hour)
 	ids := make([]string, 10000)
 	for i := range ids {
 		ids[i], _ = s.Create(context.Background(), "user")
