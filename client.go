@@ -3,41 +3,26 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
-	"encoding/binary"
 	"errors"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strings"
 	"sync"
 	"time"
-	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
 )
 
-// Close codes sent to clients (RFC 6455, section 7.4.1).
 const (
-	closeNormal          = 1000
-	closeGoingAway       = 1001
-	closePolicyViolation = 1008
-	closeTooBig          = 1009
-)
-
-const (
-	maxFrameBytes   = 64 << 10 // a larger incoming frame closes the socket with 1009
-	maxMessageRunes = 300
+	maxFrameBytes = 64 << 10 // a larger incoming frame closes the socket with 1009
 	// maxQueueBytes bounds what waits for one client: a burst of thousands
 	// of messages fits; a client that stopped reading while others talk
 	// reaches it and is dropped.
 	maxQueueBytes = 4 << 20
-	// writeTimeout is how long one write may block before the client
-	// counts as stalled and is dropped.
-	writeTimeout = 5 * time.Second
-	// closeGrace is how long a closed socket waits for the peer's answer.
-	closeGrace = 2 * time.Second
+	writeTimeout  = 5 * time.Second // a write blocked this long means a stalled client
+	closeGrace    = 2 * time.Second // how long a closed socket waits for the peer's answer
 )
 
 // client is one user's WebSocket: a queue the hub fills and the write pump
@@ -90,7 +75,7 @@ func (c *client) close(code int) {
 func (c *client) signal() {
 	select {
 	case c.wake <- struct{}{}:
-	default: // the pump has a wake-up pending already
+	default: // a wake-up is pending already
 	}
 }
 
@@ -101,12 +86,6 @@ func (c *client) take() ([][]byte, int) {
 	frames := c.queue
 	c.queue, c.queued = nil, 0
 	return frames, c.code
-}
-
-func (c *client) closing() bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.code != 0
 }
 
 // writePump writes everything queued in one write, pings every interval,
@@ -154,8 +133,8 @@ func (c *client) writePump(conn *socketConn, hub *Hub, ping time.Duration) {
 
 // readPump reads frames until the socket ends and handles each to the end
 // before reading the next, so acks leave in the order frames came. It
-// returns the close code for the socket.
-func (c *client) readPump(ws *websocket.Conn, handle func(c *client, data []byte, binary bool)) int {
+// returns the code to close the socket with.
+func (c *client) readPump(ws *websocket.Conn, handle func(*client, inFrame)) int {
 	for {
 		var f inFrame
 		err := inCodec.Receive(ws, &f)
@@ -166,132 +145,101 @@ func (c *client) readPump(ws *websocket.Conn, handle func(c *client, data []byte
 			return closePolicyViolation // silent for two ping intervals
 		case err != nil:
 			return closeNormal // the peer's close frame, or the connection ended
-		case !c.closing():
-			handle(c, f.data, f.binary)
+		}
+		c.mu.Lock()
+		closing := c.code != 0
+		c.mu.Unlock()
+		if !closing {
+			handle(c, f)
 		}
 	}
 }
 
-// serveSocket completes the WebSocket handshake for a registered client
-// and runs its pumps until the socket ends.
-func serveSocket(w http.ResponseWriter, r *http.Request, c *client, ch *chat, ping time.Duration) {
-	defer ch.hub.sockets.Done()
+// handleWebSocket checks, as plain HTTP with JSON errors, everything that
+// can refuse /ws, then registers the client and serves its socket.
+func handleWebSocket(sessions *Sessions, chat *chat, origins map[string]bool, ping time.Duration) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		user, sid, ok := authenticate(w, r, sessions)
+		if !ok {
+			return
+		}
+		since, badSince := int64(-1), false
+		if q := r.URL.Query(); q.Has("since") {
+			since, ok = parseUint(q.Get("since"))
+			badSince = !ok
+		}
+		switch {
+		case !originAllowed(r, origins):
+			writeError(w, http.StatusForbidden, "origin not allowed")
+		case !isWebSocketUpgrade(r):
+			writeError(w, http.StatusBadRequest, "expected a WebSocket upgrade (HTTP/1.1, version 13)")
+		case badSince:
+			writeError(w, http.StatusBadRequest, "since must be a non-negative integer")
+		default:
+			c := newClient(user, sid)
+			if _, ok := sessions.OpenSocket(sid); !ok {
+				writeError(w, http.StatusUnauthorized, "unknown or expired session")
+			} else if err := chat.hub.Register(c, since); err != nil {
+				sessions.CloseSocket(sid)
+				writeError(w, map[error]int{errTaken: http.StatusConflict, errFull: http.StatusServiceUnavailable}[err], err.Error())
+			} else {
+				serveSocket(w, r, c, chat, ping)
+			}
+		}
+	})
+}
+
+// serveSocket completes the handshake for a registered client and runs its
+// pumps until the socket ends.
+func serveSocket(w http.ResponseWriter, r *http.Request, c *client, chat *chat, ping time.Duration) {
+	defer chat.hub.sockets.Done()
 	// Leave the room, and free the session to expire, before the close
 	// frame answers the peer's: a client that reconnects the moment it sees
 	// it finds its slot free.
-	leave := sync.OnceFunc(func() { ch.sessions.CloseSocket(c.session); ch.hub.Unregister(c, closeNormal) })
-	defer leave() // the handshake failed
+	leave := func(code int) { chat.sessions.CloseSocket(c.session); chat.hub.Unregister(c, code) }
 	hj := &hijacker{ResponseWriter: w, silence: 2 * ping}
+	served := false
 	websocket.Server{
 		// Subprotocols are not offered; dropping the client's list also keeps
 		// the library from refusing a handshake that names several.
 		Handshake: func(cfg *websocket.Config, _ *http.Request) error { cfg.Protocol = nil; return nil },
 		Handler: func(ws *websocket.Conn) {
-			ws.MaxPayloadBytes = maxFrameBytes
+			served, ws.MaxPayloadBytes = true, maxFrameBytes
 			pumped := make(chan struct{})
-			go func() { c.writePump(hj.conn, ch.hub, ping); close(pumped) }()
-			code := c.readPump(ws, ch.handle)
-			ch.hub.Unregister(c, code)
-			leave()
+			go func() { c.writePump(hj.conn, chat.hub, ping); close(pumped) }()
+			leave(c.readPump(ws, chat.handle))
 			<-pumped
 		},
 	}.ServeHTTP(hj, r)
-}
-
-// chat is what a reader needs to handle a chat frame.
-type chat struct {
-	hub      *Hub
-	store    *Store
-	sessions *Sessions
-	limit    *rateLimiter
-	now      func() time.Time
-	log      *slog.Logger
-}
-
-// handle refuses a frame with an error ack, or stores the message and hands
-// it to the hub, which broadcasts and acks it.
-func (ch *chat) handle(c *client, data []byte, binary bool) {
-	text, refusal := chatText(data, binary)
-	if refusal == nil {
-		if ok, _ := ch.limit.Allow(strings.ToLower(c.user)); !ok {
-			refusal = ackRateLimited
-		}
-	}
-	if refusal != nil {
-		ch.hub.Refuse(c, refusal)
-		return
-	}
-	m := Message{Author: c.user, Text: text, Time: ch.now()}
-	err := ch.store.AddMessage(context.Background(), m, func(m Message) { ch.hub.Publish(c, m) })
-	if err != nil {
-		ch.log.Error("store message", "user", c.user, "err", err)
-		ch.hub.Refuse(c, ackStorageError)
+	if !served {
+		leave(closeNormal)
 	}
 }
 
-// chatText checks an incoming frame. It returns the message text, or the
-// error ack to send instead.
-func chatText(data []byte, binary bool) (string, []byte) {
-	if binary {
-		return "", ackInvalid
+// originAllowed lets in requests without Origin (not from a browser), from
+// the server's own origin, and from the configured extra origins.
+func originAllowed(r *http.Request, allowed map[string]bool) bool {
+	origin := r.Header.Get("Origin")
+	o := normalizeOrigin(origin)
+	return origin == "" || o != "" && (o == normalizeOrigin(requestScheme(r)+"://"+requestHost(r)) || allowed[o])
+}
+
+// normalizeOrigin returns scheme://host in lower case without a default
+// port, or "" when s is not an origin.
+func normalizeOrigin(s string) string {
+	u, err := url.Parse(strings.TrimSpace(s))
+	if err != nil || u.Scheme == "" || u.Host == "" {
+		return ""
 	}
-	text, err := stringField(data, "message")
-	if err != nil || text == "" {
-		return "", ackInvalid
-	}
-	if utf8.RuneCountInString(text) > maxMessageRunes {
-		return "", ackTooLong
-	}
-	return text, nil
+	scheme, host := strings.ToLower(u.Scheme), strings.ToLower(u.Host)
+	return scheme + "://" + strings.TrimSuffix(host, map[string]string{"http": ":80", "https": ":443"}[scheme])
 }
 
-// inFrame is one received data frame.
-type inFrame struct {
-	data   []byte
-	binary bool
+func isWebSocketUpgrade(r *http.Request) bool {
+	return r.ProtoMajor == 1 && strings.EqualFold(r.Header.Get("Upgrade"), "websocket") &&
+		strings.Contains(strings.ToLower(r.Header.Get("Connection")), "upgrade") &&
+		r.Header.Get("Sec-WebSocket-Key") != "" && r.Header.Get("Sec-WebSocket-Version") == "13"
 }
-
-// inCodec receives frames of either type, telling which it was.
-var inCodec = websocket.Codec{
-	Unmarshal: func(data []byte, payloadType byte, v any) error {
-		f := v.(*inFrame)
-		f.data, f.binary = data, payloadType != websocket.TextFrame
-		return nil
-	},
-}
-
-// Outgoing frames are framed here rather than by websocket.Conn.Write, which
-// sends each frame with its own write: a broadcast is framed once for all
-// receivers, and the write pump sends all its queued frames in one write.
-
-const (
-	opText  = 0x1
-	opClose = 0x8
-	opPing  = 0x9
-)
-
-// wsFrame frames payload as one unmasked, final server frame.
-func wsFrame(opcode byte, payload []byte) []byte {
-	n := len(payload)
-	var hdr []byte
-	switch {
-	case n < 126:
-		hdr = []byte{0x80 | opcode, byte(n)}
-	case n <= 0xFFFF:
-		hdr = []byte{0x80 | opcode, 126, byte(n >> 8), byte(n)}
-	default:
-		hdr = binary.BigEndian.AppendUint64([]byte{0x80 | opcode, 127}, uint64(n))
-	}
-	return append(hdr, payload...)
-}
-
-func textFrame(payload []byte) []byte { return wsFrame(opText, payload) }
-
-func closeFrame(code int) []byte {
-	return wsFrame(opClose, binary.BigEndian.AppendUint16(nil, uint16(code)))
-}
-
-var pingFrame = wsFrame(opPing, nil)
 
 func isTimeout(err error) bool {
 	var ne net.Error

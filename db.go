@@ -260,16 +260,18 @@ func (s *Store) DeleteMessagesThrough(ctx context.Context, id int64) (int64, err
 }
 
 // SaveSession stores a new session.
-func (s *Store) SaveSession(ctx context.Context, key []byte, user string, lastUsed time.Time) error {
+func (s *Store) SaveSession(ctx context.Context, key sessionKey, user string, lastUsed time.Time) error {
 	_, err := s.db.ExecContext(ctx, `INSERT OR REPLACE INTO sessions(key, username, last_used) VALUES(?, ?, ?)`,
-		key, user, lastUsed.UnixNano())
+		key[:], user, lastUsed.UnixNano())
 	return err
 }
 
 // DeleteSession removes a session.
-func (s *Store) DeleteSession(ctx context.Context, key []byte) error {
-	_, err := s.db.ExecContext(ctx, `DELETE FROM sessions WHERE key = ?`, key)
-	return err
+func (s *Store) DeleteSession(ctx context.Context, key sessionKey) error {
+	if _, err := s.db.ExecContext(ctx, `DELETE FROM sessions WHERE key = ?`, key[:]); err != nil {
+		return fmt.Errorf("end session: %w", err)
+	}
+	return nil
 }
 
 // SaveSessionUses records the last use of sessions, by key, and deletes
@@ -277,16 +279,16 @@ func (s *Store) DeleteSession(ctx context.Context, key []byte) error {
 func (s *Store) SaveSessionUses(ctx context.Context, used map[sessionKey]time.Time, cutoff time.Time) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
-		return err
+		return fmt.Errorf("save sessions: %w", err)
 	}
 	defer tx.Rollback()
 	for key, at := range used {
 		if _, err := tx.Exec(`UPDATE sessions SET last_used = max(last_used, ?) WHERE key = ?`, at.UnixNano(), key[:]); err != nil {
-			return err
+			return fmt.Errorf("save sessions: %w", err)
 		}
 	}
 	if _, err := tx.Exec(`DELETE FROM sessions WHERE last_used < ?`, cutoff.UnixNano()); err != nil {
-		return err
+		return fmt.Errorf("save sessions: %w", err)
 	}
 	return tx.Commit()
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"log/slog"
 	"slices"
@@ -12,7 +11,7 @@ import (
 )
 
 // Hub owns the connected clients and the newest stored messages. Only its
-// goroutine (run) touches them, and only in answer to its channels, so every
+// goroutine (run) touches them, in answer to its channels, so every
 // receiver sees messages and events in the one order the hub handled them,
 // and a history replay can never miss or repeat a live message. The hub
 // never waits on a socket or on the database: it only queues frames for
@@ -71,21 +70,10 @@ var (
 // lastID is the highest id ever handed out.
 func NewHub(recent []Message, lastID int64, history, replayMax, maxConns int, log *slog.Logger) *Hub {
 	h := &Hub{
-		register:   make(chan registration),
-		unregister: make(chan departure),
-		publish:    make(chan publication, 256),
-		kick:       make(chan departure),
-		forget:     make(chan int64),
-		online:     make(chan chan []string),
-		quit:       make(chan int),
-		done:       make(chan struct{}),
-		log:        log,
-		clients:    make(map[string]*client),
-		recent:     recent,
-		lastID:     lastID,
-		history:    history,
-		replayMax:  replayMax,
-		maxConns:   maxConns,
+		register: make(chan registration), unregister: make(chan departure), kick: make(chan departure),
+		publish: make(chan publication, 256), forget: make(chan int64), online: make(chan chan []string),
+		quit: make(chan int), done: make(chan struct{}), log: log, clients: make(map[string]*client),
+		recent: recent, lastID: lastID, history: history, replayMax: replayMax, maxConns: maxConns,
 	}
 	go h.run()
 	return h
@@ -108,7 +96,12 @@ func (h *Hub) run() {
 		case id := <-h.forget:
 			h.recent = slices.DeleteFunc(h.recent, func(m Message) bool { return m.ID <= id })
 		case reply := <-h.online:
-			reply <- h.names()
+			names := []string{}
+			for _, c := range h.clients {
+				names = append(names, c.user)
+			}
+			sort.Strings(names)
+			reply <- names
 		case code := <-h.quit:
 			h.closeAll(code)
 			return
@@ -128,12 +121,6 @@ func (h *Hub) add(c *client, since int64) error {
 	}
 	h.clients[key] = c
 	h.sockets.Add(1)
-	h.replay(c, since)
-	h.broadcast(eventFrame("join", c.user), c)
-	return nil
-}
-
-func (h *Hub) replay(c *client, since int64) {
 	msgs := h.recent[max(0, len(h.recent)-h.history):]
 	if since >= 0 {
 		i := sort.Search(len(h.recent), func(i int) bool { return h.recent[i].ID > since })
@@ -147,6 +134,8 @@ func (h *Hub) replay(c *client, since int64) {
 	for _, m := range msgs {
 		h.send(c, messageFrame(m, true))
 	}
+	h.broadcast(eventFrame("join", c.user), c)
+	return nil
 }
 
 func (h *Hub) deliver(p publication) {
@@ -167,10 +156,7 @@ func (h *Hub) deliver(p publication) {
 // send queues frame for c, if c is still here, and drops c when its queue
 // is full.
 func (h *Hub) send(c *client, frame []byte) {
-	if h.clients[strings.ToLower(c.user)] != c {
-		return
-	}
-	if !c.enqueue(frame) {
+	if h.clients[strings.ToLower(c.user)] == c && !c.enqueue(frame) {
 		h.log.Warn("dropping slow websocket client", "user", c.user)
 		h.remove(c, closePolicyViolation)
 	}
@@ -193,22 +179,19 @@ func (h *Hub) broadcast(frame []byte, except *client) {
 
 // remove takes c out, closes its socket with code and tells the others.
 func (h *Hub) remove(c *client, code int) {
-	key := strings.ToLower(c.user)
-	if h.clients[key] != c {
-		return
+	if key := strings.ToLower(c.user); h.clients[key] == c {
+		delete(h.clients, key)
+		c.close(code)
+		h.broadcast(eventFrame("leave", c.user), nil)
 	}
-	delete(h.clients, key)
-	c.close(code)
-	h.broadcast(eventFrame("leave", c.user), nil)
 }
 
 // closeAll tells everyone that the others are leaving and closes every
 // socket with code. Beyond shutdownLeaveLimit clients that is a frame for
 // too many pairs, and the close frame alone says it.
 func (h *Hub) closeAll(code int) {
-	announce := len(h.clients) <= shutdownLeaveLimit
 	for _, c := range h.clients {
-		if announce {
+		if len(h.clients) <= shutdownLeaveLimit {
 			h.broadcast(eventFrame("leave", c.user), c)
 		}
 	}
@@ -220,87 +203,61 @@ func (h *Hub) closeAll(code int) {
 
 const shutdownLeaveLimit = 1000
 
-func (h *Hub) names() []string {
-	names := []string{}
-	for _, c := range h.clients {
-		names = append(names, c.user)
-	}
-	sort.Strings(names)
-	return names
-}
-
 // Register adds c, a client whose socket is about to open, and queues its
 // history: since < 0 for the last -history messages, else those after since.
 func (h *Hub) Register(c *client, since int64) error {
 	r := registration{client: c, since: since, result: make(chan error, 1)}
-	select {
-	case h.register <- r:
-		return <-r.result
-	case <-h.done:
+	if !tell(h, h.register, r) {
 		return errFull
 	}
+	return <-r.result
 }
 
 // Unregister removes c, if still there, and closes its socket with code.
 func (h *Hub) Unregister(c *client, code int) {
-	h.depart(h.unregister, departure{client: c, code: code})
+	tell(h, h.unregister, departure{client: c, code: code})
 }
 
 // Kick closes user's socket with code, if it was opened with session
 // (any session when it is "").
 func (h *Hub) Kick(user, session string, code int) {
-	h.depart(h.kick, departure{user: user, session: session, code: code})
-}
-
-func (h *Hub) depart(ch chan departure, d departure) {
-	select {
-	case ch <- d:
-	case <-h.done:
-	}
+	tell(h, h.kick, departure{user: user, session: session, code: code})
 }
 
 // Publish broadcasts a stored message and acks it to its sender.
-func (h *Hub) Publish(from *client, m Message) {
-	select {
-	case h.publish <- publication{from: from, msg: m}:
-	case <-h.done:
-	}
-}
+func (h *Hub) Publish(from *client, m Message) { tell(h, h.publish, publication{from: from, msg: m}) }
 
 // Refuse sends from an error ack, in order with its other acks.
 func (h *Hub) Refuse(from *client, ack []byte) {
-	select {
-	case h.publish <- publication{from: from, refusal: ack}:
-	case <-h.done:
-	}
+	tell(h, h.publish, publication{from: from, refusal: ack})
 }
 
 // Forget drops replayable messages with id <= id, which retention deletes.
-func (h *Hub) Forget(id int64) {
-	select {
-	case h.forget <- id:
-	case <-h.done:
-	}
-}
+func (h *Hub) Forget(id int64) { tell(h, h.forget, id) }
 
 // Online returns the names of the users with an open socket, sorted.
 func (h *Hub) Online() []string {
 	reply := make(chan []string, 1)
-	select {
-	case h.online <- reply:
-		return <-reply
-	case <-h.done:
+	if !tell(h, h.online, reply) {
 		return []string{}
+	}
+	return <-reply
+}
+
+// tell sends v to the hub on ch, unless the hub has stopped.
+func tell[T any](h *Hub, ch chan<- T, v T) bool {
+	select {
+	case ch <- v:
+		return true
+	case <-h.done:
+		return false
 	}
 }
 
 // Shutdown closes every socket with code and waits, until ctx is done, for
 // their handlers to return.
 func (h *Hub) Shutdown(ctx context.Context, code int) {
-	select {
-	case h.quit <- code:
-	case <-h.done:
-	}
+	tell(h, h.quit, code)
 	<-h.done
 	finished := make(chan struct{})
 	go func() { h.sockets.Wait(); close(finished) }()
@@ -308,55 +265,4 @@ func (h *Hub) Shutdown(ctx context.Context, code int) {
 	case <-finished:
 	case <-ctx.Done():
 	}
-}
-
-// Frames the hub sends. Each is encoded once, however many receive it.
-
-type messageJSON struct {
-	Message string `json:"message"`
-	Author  string `json:"author"`
-	ID      int64  `json:"id"`
-	Time    string `json:"time"`
-	History bool   `json:"history,omitempty"`
-}
-
-// timeFormat is RFC 3339 in UTC with a fixed millisecond width.
-const timeFormat = "2006-01-02T15:04:05.000Z07:00"
-
-func toJSON(m Message, history bool) messageJSON {
-	return messageJSON{Message: m.Text, Author: m.Author, ID: m.ID, Time: m.Time.UTC().Format(timeFormat), History: history}
-}
-
-func messageFrame(m Message, history bool) []byte { return textFrame(mustJSON(toJSON(m, history))) }
-
-func eventFrame(event, user string) []byte {
-	return textFrame(mustJSON(map[string]string{"event": event, "username": user}))
-}
-
-func ackFrame(id int64) []byte {
-	return textFrame(mustJSON(struct {
-		Status bool  `json:"status"`
-		ID     int64 `json:"id"`
-	}{true, id}))
-}
-
-func errorAckFrame(code string) []byte {
-	return textFrame(mustJSON(map[string]any{"status": false, "code": code}))
-}
-
-var (
-	gapFrame        = textFrame([]byte(`{"event":"gap"}`))
-	ackTooLong      = errorAckFrame("message_too_long")
-	ackInvalid      = errorAckFrame("invalid_message")
-	ackRateLimited  = errorAckFrame("rate_limited")
-	ackStorageError = errorAckFrame("storage_error")
-)
-
-// mustJSON encodes values whose types cannot fail to encode.
-func mustJSON(v any) []byte {
-	b, err := json.Marshal(v)
-	if err != nil {
-		panic(err)
-	}
-	return b
 }

@@ -5,7 +5,6 @@
 package main
 
 import (
-	"context"
 	"math"
 	"net"
 	"net/http"
@@ -59,22 +58,17 @@ func (l *rateLimiter) Allow(key string) (bool, time.Duration) {
 	return true, 0
 }
 
-// RunCleanup forgets, every interval, the buckets that have refilled: they
-// are the same as no bucket at all.
-func (l *rateLimiter) RunCleanup(ctx context.Context, interval time.Duration) {
-	if l.rate <= 0 {
-		return
-	}
-	every(ctx, interval, func() {
-		now := l.now()
-		l.mu.Lock()
-		defer l.mu.Unlock()
-		for key, b := range l.buckets {
-			if b.tokens+now.Sub(b.last).Seconds()*l.rate >= l.burst {
-				delete(l.buckets, key)
-			}
+// Sweep forgets the buckets that have refilled: they are the same as no
+// bucket at all.
+func (l *rateLimiter) Sweep() {
+	now := l.now()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for key, b := range l.buckets {
+		if b.tokens+now.Sub(b.last).Seconds()*l.rate >= l.burst {
+			delete(l.buckets, key)
 		}
-	})
+	}
 }
 
 // limitAuth answers 429 with Retry-After when the client IP has used up
@@ -126,4 +120,28 @@ func inPrefixes(addr netip.Addr, prefixes []netip.Prefix) bool {
 		}
 	}
 	return false
+}
+
+// requestScheme is the scheme the client used, behind a proxy too.
+func requestScheme(r *http.Request) string {
+	if p := firstHeaderValue(r, "X-Forwarded-Proto"); p != "" {
+		return strings.ToLower(p)
+	}
+	if r.TLS != nil {
+		return "https"
+	}
+	return "http"
+}
+
+// requestHost is the host the client asked for, behind a proxy too.
+func requestHost(r *http.Request) string {
+	if h := firstHeaderValue(r, "X-Forwarded-Host"); h != "" {
+		return h
+	}
+	return r.Host
+}
+
+func firstHeaderValue(r *http.Request, name string) string {
+	v, _, _ := strings.Cut(r.Header.Get(name), ",")
+	return strings.TrimSpace(v)
 }

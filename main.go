@@ -114,7 +114,7 @@ func (cfg config) validate() error {
 
 func parseOrigins(list string) (map[string]bool, error) {
 	origins := make(map[string]bool)
-	for _, o := range splitList(list) {
+	for _, o := range strings.FieldsFunc(list, isListSeparator) {
 		n := normalizeOrigin(o)
 		if n == "" {
 			return nil, fmt.Errorf("-allowed-origins: %q is not an origin like https://example.com", o)
@@ -126,29 +126,20 @@ func parseOrigins(list string) (map[string]bool, error) {
 
 func parsePrefixes(list string) ([]netip.Prefix, error) {
 	var prefixes []netip.Prefix
-	for _, s := range splitList(list) {
+	for _, s := range strings.FieldsFunc(list, isListSeparator) {
 		p, err := netip.ParsePrefix(s)
+		if addr, aerr := netip.ParseAddr(s); err != nil && aerr == nil {
+			p, err = netip.PrefixFrom(addr, addr.BitLen()), nil
+		}
 		if err != nil {
-			addr, aerr := netip.ParseAddr(s)
-			if aerr != nil {
-				return nil, fmt.Errorf("-trusted-proxies: %q is not an address or CIDR", s)
-			}
-			p = netip.PrefixFrom(addr, addr.BitLen())
+			return nil, fmt.Errorf("-trusted-proxies: %q is not an address or CIDR", s)
 		}
 		prefixes = append(prefixes, p.Masked())
 	}
 	return prefixes, nil
 }
 
-func splitList(list string) []string {
-	var out []string
-	for _, s := range strings.Split(list, ",") {
-		if s = strings.TrimSpace(s); s != "" {
-			out = append(out, s)
-		}
-	}
-	return out
-}
+func isListSeparator(r rune) bool { return r == ',' || r == ' ' }
 
 // run parses args, listens and serves until ctx is done.
 func run(ctx context.Context, args []string, stdout io.Writer) error {
@@ -198,10 +189,14 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 
 	bg, stopBackground := context.WithCancel(context.Background())
 	defer stopBackground()
-	go sessions.RunCleanup(bg, min(cfg.SessionTTL, cfg.cleanupEvery), func(err error) { log.Error("sessions", "err", err) })
-	go authRate.RunCleanup(bg, time.Minute)
-	go msgRate.RunCleanup(bg, time.Minute)
-	go runRetention(bg, cfg, store, hub, log)
+	go every(bg, min(cfg.SessionTTL, cfg.cleanupEvery), func() {
+		if err := sessions.Save(bg); err != nil && bg.Err() == nil {
+			log.Error("save sessions", "err", err)
+		}
+		authRate.Sweep()
+		msgRate.Sweep()
+	})
+	go every(bg, min(cfg.HistoryKeep/10, cfg.cleanupEvery), func() { deleteOldMessages(bg, cfg, store, hub, log) })
 
 	srv := &http.Server{
 		Handler:           routes(cfg, log, store, sessions, hub, chat, authRate),
@@ -263,22 +258,19 @@ func startHub(cfg config, store *Store, log *slog.Logger) (*Hub, error) {
 	return NewHub(recent, lastID, cfg.History, cfg.ReplayMax, cfg.MaxConns, log), nil
 }
 
-// runRetention deletes messages older than -history-keep, waking every
-// tenth of it but at least once a minute. The hub forgets them first, so
-// that it never replays a message the database no longer has.
-func runRetention(ctx context.Context, cfg config, store *Store, hub *Hub, log *slog.Logger) {
-	every(ctx, min(cfg.HistoryKeep/10, cfg.cleanupEvery), func() {
-		id, err := store.LastMessageBefore(ctx, cfg.now().Add(-cfg.HistoryKeep))
-		if id > 0 {
-			hub.Forget(id)
-			var n int64
-			n, err = store.DeleteMessagesThrough(ctx, id)
-			log.Info("retention deleted old messages", "count", n)
-		}
-		if err != nil && ctx.Err() == nil {
-			log.Error("retention", "err", err)
-		}
-	})
+// deleteOldMessages deletes messages older than -history-keep. The hub
+// forgets them first, so that it never replays what the database lost.
+func deleteOldMessages(ctx context.Context, cfg config, store *Store, hub *Hub, log *slog.Logger) {
+	id, err := store.LastMessageBefore(ctx, cfg.now().Add(-cfg.HistoryKeep))
+	if id > 0 {
+		hub.Forget(id)
+		var n int64
+		n, err = store.DeleteMessagesThrough(ctx, id)
+		log.Info("retention deleted old messages", "count", n)
+	}
+	if err != nil && ctx.Err() == nil {
+		log.Error("retention", "err", err)
+	}
 }
 
 // every calls f every interval until ctx is done.

@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
+	"net/http"
 	"sync"
 	"time"
 )
@@ -14,10 +15,9 @@ import (
 // Expiry is decided on lookup, so an expired session is refused at once;
 // the cleanup goroutine only frees memory and old rows.
 //
-// The map is the truth while the server runs. Each new session is also
-// written to the database (only a hash of its id), so that a restart does
-// not log everyone out; uses are saved in batches by the cleanup goroutine
-// and at shutdown, not on every request.
+// The map is the truth while the server runs. A new session is also written
+// to the database (only a hash of its id), so that a restart does not log
+// everyone out; last uses are saved in batches, not on every request.
 type Sessions struct {
 	ttl   time.Duration
 	now   func() time.Time // time.Now, or a clock a test sets
@@ -31,8 +31,6 @@ type Sessions struct {
 // hold, so that neither a memory dump nor a copy of the database hands out
 // live session ids.
 type sessionKey [sha256.Size]byte
-
-func keyOf(id string) sessionKey { return sha256.Sum256([]byte(id)) }
 
 type session struct {
 	user     string
@@ -59,10 +57,10 @@ func NewSessions(ctx context.Context, ttl time.Duration, now func() time.Time, s
 func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 	id, err := randomToken(32)
 	if err != nil {
-		return "", fmt.Errorf("new session: %w", err)
+		return "", err
 	}
-	key, now := keyOf(id), s.now()
-	if err := s.store.SaveSession(ctx, key[:], user, now); err != nil {
+	key, now := sessionKey(sha256.Sum256([]byte(id))), s.now()
+	if err := s.store.SaveSession(ctx, key, user, now); err != nil {
 		return "", fmt.Errorf("new session: %w", err)
 	}
 	s.mu.Lock()
@@ -72,24 +70,17 @@ func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 }
 
 // Lookup returns the user of a live session and refreshes its lifetime.
-func (s *Sessions) Lookup(id string) (user string, ok bool) {
-	return s.use(id, 0)
-}
+func (s *Sessions) Lookup(id string) (user string, ok bool) { return s.use(id, 0) }
 
 // OpenSocket is Lookup for a WebSocket: the session stays alive until the
-// matching CloseSocket.
-func (s *Sessions) OpenSocket(id string) (user string, ok bool) {
-	return s.use(id, 1)
-}
+// matching CloseSocket, and its ttl starts again then.
+func (s *Sessions) OpenSocket(id string) (user string, ok bool) { return s.use(id, 1) }
 
-// CloseSocket undoes OpenSocket; the session's ttl starts again from now.
-func (s *Sessions) CloseSocket(id string) {
-	s.use(id, -1)
-}
+// CloseSocket undoes OpenSocket.
+func (s *Sessions) CloseSocket(id string) { s.use(id, -1) }
 
-// use refreshes a live session and adds sockets to its count of open ones.
 func (s *Sessions) use(id string, sockets int) (string, bool) {
-	key, now := keyOf(id), s.now()
+	key, now := sessionKey(sha256.Sum256([]byte(id))), s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	sess := s.m[key]
@@ -103,24 +94,11 @@ func (s *Sessions) use(id string, sockets int) (string, bool) {
 
 // Delete ends a session. Unknown ids are ignored.
 func (s *Sessions) Delete(ctx context.Context, id string) error {
-	key := keyOf(id)
+	key := sessionKey(sha256.Sum256([]byte(id)))
 	s.mu.Lock()
 	delete(s.m, key)
 	s.mu.Unlock()
-	if err := s.store.DeleteSession(ctx, key[:]); err != nil {
-		return fmt.Errorf("end session: %w", err)
-	}
-	return nil
-}
-
-// RunCleanup saves uses and forgets expired sessions every interval until
-// ctx is done, and once more then.
-func (s *Sessions) RunCleanup(ctx context.Context, interval time.Duration, onError func(error)) {
-	every(ctx, interval, func() {
-		if err := s.Save(ctx); err != nil && ctx.Err() == nil {
-			onError(err)
-		}
-	})
+	return s.store.DeleteSession(ctx, key)
 }
 
 // Save forgets expired sessions, deleting their rows, and saves the last
@@ -141,10 +119,7 @@ func (s *Sessions) Save(ctx context.Context) error {
 		sess.unsaved = false
 	}
 	s.mu.Unlock()
-	if err := s.store.SaveSessionUses(ctx, used, now.Add(-s.ttl)); err != nil {
-		return fmt.Errorf("save sessions: %w", err)
-	}
-	return nil
+	return s.store.SaveSessionUses(ctx, used, now.Add(-s.ttl))
 }
 
 // Len returns the number of sessions held, expired or not.
@@ -154,13 +129,42 @@ func (s *Sessions) Len() int {
 	return len(s.m)
 }
 
+const sessionCookie = "session"
+
+// setSessionCookie sets the session cookie, or expires it when sid is "".
+func setSessionCookie(w http.ResponseWriter, r *http.Request, sid string, ttl time.Duration) {
+	maxAge := int(ttl / time.Second)
+	if sid == "" {
+		maxAge = -1 // sent as Max-Age=0
+	}
+	http.SetCookie(w, &http.Cookie{Name: sessionCookie, Value: sid, Path: "/", MaxAge: maxAge,
+		HttpOnly: true, SameSite: http.SameSiteLaxMode, Secure: requestScheme(r) == "https"})
+}
+
+// authenticate returns the user of the request's session, answering 422
+// (no cookie) or 401 (unknown or expired session) itself. Each use slides
+// the session, and the cookie with it.
+func authenticate(w http.ResponseWriter, r *http.Request, sessions *Sessions) (user, sid string, ok bool) {
+	cookie, err := r.Cookie(sessionCookie)
+	if err != nil || cookie.Value == "" {
+		writeError(w, http.StatusUnprocessableEntity, "no session cookie")
+		return "", "", false
+	}
+	if user, ok = sessions.Lookup(cookie.Value); !ok {
+		writeError(w, http.StatusUnauthorized, "unknown or expired session")
+		return "", "", false
+	}
+	setSessionCookie(w, r, cookie.Value, sessions.ttl)
+	return user, cookie.Value, true
+}
+
 const tokenAlphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 
 // randomToken returns n characters [A-Za-z0-9] from crypto/rand, each
 // uniformly chosen (bytes >= 248 are rejected to avoid modulo bias).
 func randomToken(n int) (string, error) {
 	out := make([]byte, 0, n)
-	buf := make([]byte, n+n/4)
+	buf := make([]byte, 2*n)
 	for len(out) < n {
 		if _, err := rand.Read(buf); err != nil {
 			return "", fmt.Errorf("random token: %w", err)

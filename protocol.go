@@ -1,0 +1,161 @@
+// The chat protocol: what a client's frame means and what the server sends
+// back. It has its own file so that changing the protocol means reading one
+// file; client.go moves the bytes and hub.go decides who gets them.
+
+package main
+
+import (
+	"context"
+	"encoding/binary"
+	"encoding/json"
+	"log/slog"
+	"strings"
+	"time"
+	"unicode/utf8"
+
+	"golang.org/x/net/websocket"
+)
+
+const maxMessageRunes = 300
+
+// Opcodes and close codes (RFC 6455, sections 5.2 and 7.4.1).
+const (
+	opText               = 0x1
+	opClose              = 0x8
+	opPing               = 0x9
+	closeNormal          = 1000
+	closeGoingAway       = 1001
+	closePolicyViolation = 1008
+	closeTooBig          = 1009
+)
+
+// chat is what a socket's reader needs to handle a frame.
+type chat struct {
+	hub      *Hub
+	store    *Store
+	sessions *Sessions
+	limit    *rateLimiter
+	now      func() time.Time
+	log      *slog.Logger
+}
+
+// handle refuses a frame with an error ack, or stores the message and hands
+// it to the hub, which broadcasts it and acks it to c.
+func (ch *chat) handle(c *client, f inFrame) {
+	text, refusal := chatText(f)
+	if refusal == nil {
+		if ok, _ := ch.limit.Allow(strings.ToLower(c.user)); !ok {
+			refusal = ackRateLimited
+		}
+	}
+	if refusal != nil {
+		ch.hub.Refuse(c, refusal)
+		return
+	}
+	m := Message{Author: c.user, Text: text, Time: ch.now()}
+	if err := ch.store.AddMessage(context.Background(), m, func(m Message) { ch.hub.Publish(c, m) }); err != nil {
+		ch.log.Error("store message", "user", c.user, "err", err)
+		ch.hub.Refuse(c, ackStorageError)
+	}
+}
+
+// chatText checks an incoming frame. It returns the message text, or the
+// error ack to send instead.
+func chatText(f inFrame) (string, []byte) {
+	if f.binary {
+		return "", ackInvalid
+	}
+	text, err := stringField(f.data, "message")
+	if err != nil || text == "" {
+		return "", ackInvalid
+	}
+	if utf8.RuneCountInString(text) > maxMessageRunes {
+		return "", ackTooLong
+	}
+	return text, nil
+}
+
+// inFrame is one received data frame.
+type inFrame struct {
+	data   []byte
+	binary bool
+}
+
+// inCodec receives frames of either type, telling which it was.
+var inCodec = websocket.Codec{
+	Unmarshal: func(data []byte, payloadType byte, v any) error {
+		*v.(*inFrame) = inFrame{data, payloadType != websocket.TextFrame}
+		return nil
+	},
+}
+
+// Frames the server sends are framed here rather than by the library, which
+// writes each frame on its own: a broadcast is framed once for all its
+// receivers, and a write pump sends all its queued frames in one write.
+
+type messageJSON struct {
+	Message string `json:"message"`
+	Author  string `json:"author"`
+	ID      int64  `json:"id"`
+	Time    string `json:"time"`
+	History bool   `json:"history,omitempty"`
+}
+
+func toJSON(m Message, history bool) messageJSON {
+	// RFC 3339 in UTC with a fixed millisecond width.
+	t := m.Time.UTC().Format("2006-01-02T15:04:05.000Z07:00")
+	return messageJSON{Message: m.Text, Author: m.Author, ID: m.ID, Time: t, History: history}
+}
+
+func messageFrame(m Message, history bool) []byte { return textFrame(mustJSON(toJSON(m, history))) }
+
+func eventFrame(event, user string) []byte {
+	return textFrame(mustJSON(map[string]string{"event": event, "username": user}))
+}
+
+func ackFrame(id int64) []byte {
+	return textFrame(mustJSON(struct {
+		Status bool  `json:"status"`
+		ID     int64 `json:"id"`
+	}{true, id}))
+}
+
+func errorAck(code string) []byte {
+	return textFrame(mustJSON(map[string]any{"status": false, "code": code}))
+}
+
+var (
+	gapFrame        = textFrame([]byte(`{"event":"gap"}`))
+	pingFrame       = wsFrame(opPing, nil)
+	ackTooLong      = errorAck("message_too_long")
+	ackInvalid      = errorAck("invalid_message")
+	ackRateLimited  = errorAck("rate_limited")
+	ackStorageError = errorAck("storage_error")
+)
+
+func textFrame(payload []byte) []byte { return wsFrame(opText, payload) }
+
+func closeFrame(code int) []byte {
+	return wsFrame(opClose, binary.BigEndian.AppendUint16(nil, uint16(code)))
+}
+
+// wsFrame frames payload as one unmasked, final server frame.
+func wsFrame(opcode byte, payload []byte) []byte {
+	hdr := []byte{0x80 | opcode, byte(len(payload))}
+	switch n := len(payload); {
+	case n > 0xFFFF:
+		hdr = binary.BigEndian.AppendUint64([]byte{0x80 | opcode, 127}, uint64(n))
+	case n > 125:
+		hdr = binary.BigEndian.AppendUint16([]byte{0x80 | opcode, 126}, uint16(n))
+	}
+	return append(hdr, payload...)
+}
+
+// mustJSON encodes values whose types cannot fail to encode.
+func mustJSON(v any) []byte {
+	b, err := json.Marshal(v)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
