@@ -22,31 +22,28 @@ var ErrNameTaken = errors.New("username taken")
 // ErrNotFound is returned when a lookup matches no row.
 var ErrNotFound = errors.New("not found")
 
-// schema is applied in order; PRAGMA user_version records how many steps a
-// database has seen, so an old file is migrated forward on start.
-var schema = []string{
-	`CREATE TABLE users (
-		id         INTEGER PRIMARY KEY,
-		username   TEXT NOT NULL UNIQUE COLLATE NOCASE,
-		key_hash   BLOB NOT NULL UNIQUE,
-		created_at INTEGER NOT NULL
-	)`,
-	// AUTOINCREMENT so that an id is never handed out twice, even after
-	// retention deleted the newest rows' predecessors.
-	`CREATE TABLE messages (
-		id         INTEGER PRIMARY KEY AUTOINCREMENT,
-		author     TEXT NOT NULL,
-		body       TEXT NOT NULL,
-		created_at INTEGER NOT NULL
-	)`,
-	`CREATE INDEX messages_created_at ON messages(created_at)`,
-	// Only a hash of each session id; see sessions.go.
-	`CREATE TABLE sessions (
-		key       BLOB PRIMARY KEY,
-		username  TEXT NOT NULL,
-		last_used INTEGER NOT NULL
-	) WITHOUT ROWID`,
-}
+// schema creates what is missing. Message ids are AUTOINCREMENT so that an
+// id is never handed out twice, even after retention deleted the newest
+// rows; sessions hold only a hash of each id (see sessions.go).
+const schema = `
+CREATE TABLE IF NOT EXISTS users (
+	id         INTEGER PRIMARY KEY,
+	username   TEXT NOT NULL UNIQUE COLLATE NOCASE,
+	key_hash   BLOB NOT NULL UNIQUE,
+	created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+	id         INTEGER PRIMARY KEY AUTOINCREMENT,
+	author     TEXT NOT NULL,
+	body       TEXT NOT NULL,
+	created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_created_at ON messages(created_at);
+CREATE TABLE IF NOT EXISTS sessions (
+	key       BLOB PRIMARY KEY,
+	username  TEXT NOT NULL,
+	last_used INTEGER NOT NULL
+) WITHOUT ROWID;`
 
 // Message is one stored chat message.
 type Message struct {
@@ -66,8 +63,7 @@ type Store struct {
 	addMu sync.Mutex
 }
 
-// OpenStore opens (creating if needed) the database at path and migrates
-// its schema.
+// OpenStore opens the database at path, creating what is missing.
 func OpenStore(path string) (*Store, error) {
 	// SQLite's own error for an unusable path is less clear than this one.
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
@@ -75,46 +71,19 @@ func OpenStore(path string) (*Store, error) {
 		return nil, fmt.Errorf("open db %s: %w", path, err)
 	}
 	f.Close()
-	dsn := "file:" + (&url.URL{Path: path}).EscapedPath() +
-		"?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)"
-	db, err := sql.Open("sqlite", dsn)
+	db, err := sql.Open("sqlite", "file:"+(&url.URL{Path: path}).EscapedPath()+
+		"?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)")
 	if err != nil {
+		return nil, fmt.Errorf("open db %s: %w", path, err)
+	}
+	if _, err := db.Exec(schema); err != nil {
+		db.Close()
 		return nil, fmt.Errorf("open db %s: %w", path, err)
 	}
 	// One connection: SQLite takes one writer at a time anyway, and
 	// database/sql's queue is fairer and quicker than SQLite's busy wait.
 	db.SetMaxOpenConns(1)
-	if err := migrate(db); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("open db %s: %w", path, err)
-	}
 	return &Store{db: db}, nil
-}
-
-func migrate(db *sql.DB) error {
-	var check string
-	if err := db.QueryRow("PRAGMA quick_check").Scan(&check); err != nil {
-		return fmt.Errorf("check database: %w", err)
-	}
-	if check != "ok" {
-		return fmt.Errorf("database is corrupt: %s", check)
-	}
-	var version int
-	if err := db.QueryRow("PRAGMA user_version").Scan(&version); err != nil {
-		return fmt.Errorf("read schema version: %w", err)
-	}
-	if version > len(schema) {
-		return fmt.Errorf("database schema version %d is newer than this program (%d)", version, len(schema))
-	}
-	for i := version; i < len(schema); i++ {
-		// PRAGMA takes no parameters; i is ours.
-		step := fmt.Sprintf("BEGIN; %s; PRAGMA user_version = %d; COMMIT", schema[i], i+1)
-		if _, err := db.Exec(step); err != nil {
-			db.Exec("ROLLBACK")
-			return fmt.Errorf("migrate to %d: %w", i+1, err)
-		}
-	}
-	return nil
 }
 
 // Close closes the database.
@@ -166,11 +135,8 @@ func (s *Store) queryName(ctx context.Context, query string, arg any) (string, e
 
 // Ping reports whether the database answers a query.
 func (s *Store) Ping(ctx context.Context) error {
-	var one int
-	if err := s.db.QueryRowContext(ctx, "SELECT 1").Scan(&one); err != nil {
-		return fmt.Errorf("ping db: %w", err)
-	}
-	return nil
+	_, err := s.LastMessageID(ctx)
+	return err
 }
 
 // AddMessage stores m and calls handOn with its id set before any other
@@ -193,10 +159,20 @@ func (s *Store) AddMessage(ctx context.Context, m Message, handOn func(Message))
 // LastMessageID returns the highest message id ever handed out, deleted or
 // not, or 0.
 func (s *Store) LastMessageID(ctx context.Context) (int64, error) {
+	return s.queryID(ctx, `SELECT seq FROM sqlite_sequence WHERE name = 'messages'`)
+}
+
+// LastMessageBefore returns the id of the newest message older than t, or 0.
+// (Ids and times ascend together, and the index on time finds it at once.)
+func (s *Store) LastMessageBefore(ctx context.Context, t time.Time) (int64, error) {
+	return s.queryID(ctx, `SELECT id FROM messages WHERE created_at < ? ORDER BY created_at DESC LIMIT 1`, t.UnixNano())
+}
+
+func (s *Store) queryID(ctx context.Context, query string, args ...any) (int64, error) {
 	var id int64
-	err := s.db.QueryRowContext(ctx, `SELECT seq FROM sqlite_sequence WHERE name = 'messages'`).Scan(&id)
+	err := s.db.QueryRowContext(ctx, query, args...).Scan(&id)
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
-		return 0, fmt.Errorf("read last message id: %w", err)
+		return 0, fmt.Errorf("query message id: %w", err)
 	}
 	return id, nil
 }
@@ -223,23 +199,8 @@ func (s *Store) Messages(ctx context.Context, before int64, limit int) ([]Messag
 		m.Time = time.Unix(0, nanos).UTC()
 		msgs = append(msgs, m)
 	}
-	if err := rows.Err(); err != nil {
-		return nil, fmt.Errorf("query messages: %w", err)
-	}
 	slices.Reverse(msgs)
-	return msgs, nil
-}
-
-// LastMessageBefore returns the id of the newest message older than t, or 0.
-// (Ids and times ascend together, and the index on time finds it at once.)
-func (s *Store) LastMessageBefore(ctx context.Context, t time.Time) (int64, error) {
-	var id int64
-	err := s.db.QueryRowContext(ctx, `SELECT id FROM messages WHERE created_at < ?
-		ORDER BY created_at DESC LIMIT 1`, t.UnixNano()).Scan(&id)
-	if err != nil && !errors.Is(err, sql.ErrNoRows) {
-		return 0, fmt.Errorf("find old messages: %w", err)
-	}
-	return id, nil
+	return msgs, rows.Err()
 }
 
 // DeleteMessagesThrough deletes the messages with id <= id, 500 per
@@ -268,10 +229,8 @@ func (s *Store) SaveSession(ctx context.Context, key sessionKey, user string, la
 
 // DeleteSession removes a session.
 func (s *Store) DeleteSession(ctx context.Context, key sessionKey) error {
-	if _, err := s.db.ExecContext(ctx, `DELETE FROM sessions WHERE key = ?`, key[:]); err != nil {
-		return fmt.Errorf("end session: %w", err)
-	}
-	return nil
+	_, err := s.db.ExecContext(ctx, `DELETE FROM sessions WHERE key = ?`, key[:])
+	return err
 }
 
 // SaveSessionUses records the last use of sessions, by key, and deletes
@@ -279,22 +238,22 @@ func (s *Store) DeleteSession(ctx context.Context, key sessionKey) error {
 func (s *Store) SaveSessionUses(ctx context.Context, used map[sessionKey]time.Time, cutoff time.Time) error {
 	tx, err := s.db.BeginTx(ctx, nil)
 	if err != nil {
-		return fmt.Errorf("save sessions: %w", err)
+		return err
 	}
 	defer tx.Rollback()
 	for key, at := range used {
 		if _, err := tx.Exec(`UPDATE sessions SET last_used = max(last_used, ?) WHERE key = ?`, at.UnixNano(), key[:]); err != nil {
-			return fmt.Errorf("save sessions: %w", err)
+			return err
 		}
 	}
 	if _, err := tx.Exec(`DELETE FROM sessions WHERE last_used < ?`, cutoff.UnixNano()); err != nil {
-		return fmt.Errorf("save sessions: %w", err)
+		return err
 	}
 	return tx.Commit()
 }
 
 // LoadSessions calls each for every session last used at or after since.
-func (s *Store) LoadSessions(ctx context.Context, since time.Time, each func(key sessionKey, user string, lastUsed time.Time)) error {
+func (s *Store) LoadSessions(ctx context.Context, since time.Time, each func(sessionKey, string, time.Time)) error {
 	rows, err := s.db.QueryContext(ctx, `SELECT key, username, last_used FROM sessions WHERE last_used >= ?`, since.UnixNano())
 	if err != nil {
 		return fmt.Errorf("load sessions: %w", err)

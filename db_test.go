@@ -24,6 +24,7 @@ func sendAndAck(t testing.TB, ws *wsConn, text string) int64 {
 func idOf(f map[string]any) int64 { return int64(f["id"].(float64)) }
 
 func TestHistoryOnConnect(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "-history", "3")
 	writer := s.connect(t, s.user(t, "Writer"))
 	var ids []int64
@@ -44,6 +45,7 @@ func TestHistoryOnConnect(t *testing.T) {
 }
 
 func TestHistoryOffSendsNothing(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "-history", "0")
 	writer := s.connect(t, s.user(t, "Writer"))
 	sendAndAck(t, writer, "before")
@@ -71,19 +73,24 @@ func collectIDs(t *testing.T, ws *wsConn, from, want int64) {
 	}
 }
 
-// chatter sends messages from its own users until stop is closed, and
-// reports the highest acked id.
-func chatter(t *testing.T, s *testServer, users int, stop chan struct{}) func() int64 {
-	var last atomic.Int64
-	var wg sync.WaitGroup
+// chatters send messages from their own users until finish, each waiting
+// for its ack before the next, and track the highest acked id.
+type chatters struct {
+	last atomic.Int64
+	wg   sync.WaitGroup
+	stop chan struct{}
+}
+
+func chatter(t *testing.T, s *testServer, users int) *chatters {
+	ch := &chatters{stop: make(chan struct{})}
 	for i := range users {
 		ws := s.connect(t, s.user(t, fmt.Sprintf("chatter%d", i)))
-		wg.Add(1)
+		ch.wg.Add(1)
 		go func() {
-			defer wg.Done()
+			defer ch.wg.Done()
 			for n := 0; ; n++ {
 				select {
-				case <-stop:
+				case <-ch.stop:
 					return
 				default:
 				}
@@ -100,8 +107,8 @@ func chatter(t *testing.T, s *testServer, users int, stop chan struct{}) func() 
 					var f map[string]any
 					if jsonUnmarshalObject(p, &f) && f["status"] == true {
 						for id := idOf(f); ; {
-							old := last.Load()
-							if id <= old || last.CompareAndSwap(old, id) {
+							old := ch.last.Load()
+							if id <= old || ch.last.CompareAndSwap(old, id) {
 								break
 							}
 						}
@@ -111,34 +118,46 @@ func chatter(t *testing.T, s *testServer, users int, stop chan struct{}) func() 
 			}
 		}()
 	}
-	return func() int64 { wg.Wait(); return last.Load() }
+	return ch
+}
+
+// waitPast waits until a message with an id above id has been acked.
+func (ch *chatters) waitPast(t *testing.T, id int64) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ch.last.Load() <= id; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("chatters stuck at id %d", ch.last.Load())
+		}
+	}
+}
+
+// finish stops the chatters and returns the highest acked id.
+func (ch *chatters) finish() int64 {
+	close(ch.stop)
+	ch.wg.Wait()
+	return ch.last.Load()
 }
 
 func TestHistoryAndLiveStreamJoinWithoutGapWhileOthersSend(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "-history", "20")
-	stop := make(chan struct{})
-	wait := chatter(t, s, 3, stop)
-	time.Sleep(100 * time.Millisecond)
+	ch := chatter(t, s, 3)
+	ch.waitPast(t, 10)
 	late := s.connect(t, s.user(t, "Late"))
 	first := late.next()
 	if first["history"] != true {
 		t.Fatalf("first frame %v is not history", first)
 	}
-	time.Sleep(200 * time.Millisecond)
-	close(stop)
-	last := wait()
-	if idOf(first) > last || last < 30 {
-		t.Fatalf("too little traffic for the test to mean anything: last id %d", last)
-	}
-	collectIDs(t, late, idOf(first)+1, last)
+	ch.waitPast(t, idOf(first)+20)
+	collectIDs(t, late, idOf(first)+1, ch.finish())
 }
 
 func TestReconnectWithSinceReplaysWhatWasMissed(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	cookie := s.user(t, "Roamer")
 	roamer := s.connect(t, cookie)
-	stop := make(chan struct{})
-	wait := chatter(t, s, 2, stop)
+	ch := chatter(t, s, 2)
 	var lastSeen int64
 	for lastSeen < 10 {
 		if f := roamer.next(); isChat(f) {
@@ -147,15 +166,14 @@ func TestReconnectWithSinceReplaysWhatWasMissed(t *testing.T) {
 	}
 	// The connection drops without a close frame; the others keep talking.
 	roamer.c.Close()
-	time.Sleep(150 * time.Millisecond)
+	ch.waitPast(t, lastSeen+10)
 	back := s.connect(t, cookie, dialOpts{query: fmt.Sprintf("?since=%d", lastSeen)})
-	time.Sleep(150 * time.Millisecond)
-	close(stop)
-	last := wait()
-	collectIDs(t, back, lastSeen+1, last)
+	ch.waitPast(t, ch.last.Load()+10)
+	collectIDs(t, back, lastSeen+1, ch.finish())
 }
 
 func TestSinceZeroReplaysFromTheStart(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "-history", "1")
 	w := s.connect(t, s.user(t, "W"))
 	for i := range 4 {
@@ -166,6 +184,7 @@ func TestSinceZeroReplaysFromTheStart(t *testing.T) {
 }
 
 func TestGapWhenMoreWereMissedThanReplayMax(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "-replay-max", "5")
 	w := s.connect(t, s.user(t, "W"))
 	var last int64
@@ -187,6 +206,7 @@ func TestGapWhenMoreWereMissedThanReplayMax(t *testing.T) {
 }
 
 func TestAckedMessageSurvivesKill9(t *testing.T) {
+	t.Parallel()
 	db := filepath.Join(t.TempDir(), "chat.db")
 	p := startProcess(t, "-db", db)
 	s := p.asServer(t)
@@ -209,6 +229,7 @@ func TestAckedMessageSurvivesKill9(t *testing.T) {
 }
 
 func TestMessagePages(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	cookie := s.user(t, "Pager")
 	ws := s.connect(t, cookie)
@@ -246,6 +267,7 @@ func TestMessagePages(t *testing.T) {
 }
 
 func TestRetentionDeletesOnlyOldMessages(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "-history-keep", "1h")
 	cookie := s.user(t, "Keeper")
 	ws := s.connect(t, cookie)
@@ -276,6 +298,7 @@ func TestRetentionDeletesOnlyOldMessages(t *testing.T) {
 }
 
 func TestMessagesSurviveRestartAndIDsContinue(t *testing.T) {
+	t.Parallel()
 	db := filepath.Join(t.TempDir(), "chat.db")
 	s := startServer(t, "-db", db)
 	w := s.connect(t, s.user(t, "W"))
@@ -294,6 +317,7 @@ func TestMessagesSurviveRestartAndIDsContinue(t *testing.T) {
 }
 
 func TestStorageErrorIsAcked(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	ws := s.connect(t, s.user(t, "Unlucky"))
 	watcher := s.connect(t, s.user(t, "Watcher"))

@@ -15,6 +15,7 @@ import (
 )
 
 func TestRegisterReturnsKeyAndStoresOnlyItsHash(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	key := s.register(t, "Alice")
 	if len(key) < 32 {
@@ -39,6 +40,7 @@ func TestRegisterReturnsKeyAndStoresOnlyItsHash(t *testing.T) {
 }
 
 func TestRegisterRejectsBadUsernames(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	for _, name := range []string{"", strings.Repeat("a", 33), "bob!", "bob\n", "bo b", " bob", "bö", "bob_1", "ｂｏｂ"} {
 		t.Run(fmt.Sprintf("%q", name), func(t *testing.T) {
@@ -50,6 +52,7 @@ func TestRegisterRejectsBadUsernames(t *testing.T) {
 }
 
 func TestRegisterNameTakenInAnyCase(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	s.register(t, "Bob")
 	for _, name := range []string{"Bob", "bob", "BOB", "bOb"} {
@@ -58,6 +61,7 @@ func TestRegisterNameTakenInAnyCase(t *testing.T) {
 }
 
 func TestMalformedBodiesAre422(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	bodies := []string{
 		``, `not json`, `[]`, `null`, `"bob"`, `{}`, `{"username":5}`, `{"username":null}`,
@@ -77,6 +81,7 @@ func TestMalformedBodiesAre422(t *testing.T) {
 }
 
 func TestOversizedBodyIs413(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	big := fmt.Sprintf(`{"username":"%s"}`, strings.Repeat("a", 5000))
 	s.request(t, "POST", "/api/register", big, nil).expect(t, 413)
@@ -86,6 +91,7 @@ func TestOversizedBodyIs413(t *testing.T) {
 }
 
 func TestLoginSetsSessionCookie(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "-session-ttl", "90s")
 	key := s.register(t, "Carol")
 	r := s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, key), nil).expect(t, 200)
@@ -107,6 +113,7 @@ func TestLoginSetsSessionCookie(t *testing.T) {
 }
 
 func TestSecureCookieBehindTLSProxy(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	key := s.register(t, "Dan")
 	r := s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, key), nil, "X-Forwarded-Proto", "https").expect(t, 200)
@@ -116,6 +123,7 @@ func TestSecureCookieBehindTLSProxy(t *testing.T) {
 }
 
 func TestAuthenticatedRoutesNeedASession(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	s.register(t, "Erin")
 	bogus := &http.Cookie{Name: "session", Value: strings.Repeat("x", 32)}
@@ -126,6 +134,7 @@ func TestAuthenticatedRoutesNeedASession(t *testing.T) {
 }
 
 func TestUserLookups(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	cookie := s.user(t, "Frank")
 	s.register(t, "GraceHopper")
@@ -151,6 +160,7 @@ func TestUserLookups(t *testing.T) {
 }
 
 func TestOnlineListsOpenSockets(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	a := s.user(t, "Zed")
 	b := s.user(t, "amy")
@@ -175,6 +185,7 @@ func TestOnlineListsOpenSockets(t *testing.T) {
 }
 
 func TestLogout(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	for _, method := range []string{"GET", "POST"} {
 		cookie := s.user(t, "Hal"+method)
@@ -191,6 +202,7 @@ func TestLogout(t *testing.T) {
 }
 
 func TestLogoutClosesThatSessionsSocket(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	ivan := s.user(t, "Ivan")
 	judy := s.user(t, "Judy")
@@ -208,6 +220,7 @@ func TestLogoutClosesThatSessionsSocket(t *testing.T) {
 }
 
 func TestWrongMethodIs405AndUnknownPathIs404(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	for _, c := range []struct{ method, path string }{
 		{"GET", "/api/register"}, {"GET", "/api/login"}, {"DELETE", "/api/logout"},
@@ -220,6 +233,7 @@ func TestWrongMethodIs405AndUnknownPathIs404(t *testing.T) {
 }
 
 func TestHealthz(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	if r := s.request(t, "GET", "/healthz", "", nil).expect(t, 200); r.body["status"] != "ok" {
 		t.Fatalf("healthz: %s", r.raw)
@@ -227,6 +241,7 @@ func TestHealthz(t *testing.T) {
 }
 
 func TestHealthzIs503WhenTheDatabaseIsGone(t *testing.T) {
+	t.Parallel()
 	cfg, err := parseConfig([]string{"-db", t.TempDir() + "/chat.db"}, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -244,6 +259,7 @@ func TestHealthzIs503WhenTheDatabaseIsGone(t *testing.T) {
 }
 
 func TestConcurrentRegistrationOfOneName(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	const n = 24
 	statuses := make(chan int, n)
@@ -274,6 +290,7 @@ func TestConcurrentRegistrationOfOneName(t *testing.T) {
 }
 
 func TestSessionExpiresWhenIdle(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "-session-ttl", "1h")
 	idle := s.user(t, "Kim")
 	busy := s.user(t, "Lee")
@@ -291,6 +308,7 @@ func TestSessionExpiresWhenIdle(t *testing.T) {
 }
 
 func TestOpenSocketKeepsSessionAlive(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "-session-ttl", "1h")
 	cookie := s.user(t, "Mia")
 	ws := s.connect(t, cookie)

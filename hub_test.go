@@ -21,6 +21,7 @@ import (
 )
 
 func TestWebSocketRefusalsBeforeUpgrade(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "-allowed-origins", "https://chat.example.org")
 	cookie := s.user(t, "Nora")
 	bogus := *cookie
@@ -72,6 +73,7 @@ func TestWebSocketRefusalsBeforeUpgrade(t *testing.T) {
 }
 
 func TestOnlyOneOfSimultaneousConnectsSucceeds(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	cookie := s.user(t, "Oscar")
 	const n = 8
@@ -104,6 +106,7 @@ func TestOnlyOneOfSimultaneousConnectsSucceeds(t *testing.T) {
 }
 
 func TestChatDeliversToOthersAndAcksTheSender(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	alice := s.connect(t, s.user(t, "Alice"))
 	bob := s.connect(t, s.user(t, "Bob"))
@@ -140,6 +143,7 @@ func TestChatDeliversToOthersAndAcksTheSender(t *testing.T) {
 }
 
 func TestRefusedMessagesGetErrorAcksAndAreNotBroadcast(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	sender := s.connect(t, s.user(t, "Pat"))
 	watcher := s.connect(t, s.user(t, "Quinn"))
@@ -186,6 +190,7 @@ func TestRefusedMessagesGetErrorAcksAndAreNotBroadcast(t *testing.T) {
 }
 
 func TestEveryReceiverSeesTheSameOrder(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	const senders, each = 3, 200
 	var senderConns []*wsConn
@@ -247,6 +252,7 @@ func TestEveryReceiverSeesTheSameOrder(t *testing.T) {
 }
 
 func TestBurstReachesEveryReadingClient(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	const n = 2000 // about 700 KB: more than the socket buffers hold
 	sender := s.connect(t, s.user(t, "Burst"))
@@ -313,6 +319,7 @@ func TestBurstReachesEveryReadingClient(t *testing.T) {
 }
 
 func TestStalledReaderDoesNotDelayOthersAndIsDropped(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	stalled := s.connect(t, s.user(t, "Stalled"), dialOpts{readBuf: 4096})
 	reader := s.connect(t, s.user(t, "Reader"))
@@ -373,6 +380,7 @@ func TestStalledReaderDoesNotDelayOthersAndIsDropped(t *testing.T) {
 }
 
 func TestCloseThenReconnectAtOnce(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	cookie := s.user(t, "Rita")
 	for range 30 {
@@ -382,6 +390,7 @@ func TestCloseThenReconnectAtOnce(t *testing.T) {
 }
 
 func TestOversizedFrameClosesWith1009(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	cookie := s.user(t, "Sam")
 	big := s.connect(t, cookie)
@@ -405,6 +414,7 @@ func TestOversizedFrameClosesWith1009(t *testing.T) {
 }
 
 func TestShutdownClosesSocketsWithGoingAway(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	a := s.connect(t, s.user(t, "Uma"))
 	b := s.connect(t, s.user(t, "Vic"))
@@ -449,6 +459,7 @@ func TestShutdownClosesSocketsWithGoingAway(t *testing.T) {
 }
 
 func TestPingsAreSentAndSilentPeersDropped(t *testing.T) {
+	t.Parallel()
 	s := startServer(t, "-ping-interval", "300ms")
 	watcher := s.connect(t, s.user(t, "Watcher"))
 	silent := s.connect(t, s.user(t, "Silent"))
@@ -471,6 +482,7 @@ func TestPingsAreSentAndSilentPeersDropped(t *testing.T) {
 }
 
 func TestLibraryClientInteroperates(t *testing.T) {
+	t.Parallel()
 	s := startServer(t)
 	cookie := s.user(t, "Lib")
 	peer := s.connect(t, s.user(t, "Peer"))
@@ -581,15 +593,7 @@ func TestGoroutinesReturnToIdleAfterClientsLeave(t *testing.T) {
 		cookies[i] = s.user(t, fmt.Sprintf("flat%d", i))
 	}
 	http.DefaultClient.CloseIdleConnections()
-	settle := func() int {
-		n := runtime.NumGoroutine()
-		for range 50 {
-			time.Sleep(100 * time.Millisecond)
-			n = min(n, runtime.NumGoroutine())
-		}
-		return n
-	}
-	idle := settle()
+	idle := runtime.NumGoroutine()
 	var conns []*wsConn
 	for _, c := range cookies {
 		conns = append(conns, s.connect(t, c))

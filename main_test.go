@@ -56,6 +56,7 @@ type testServer struct {
 	url    string
 	dbPath string
 	clock  *testClock
+	client *http.Client // nil: http.DefaultClient
 	cancel context.CancelFunc
 	done   chan error
 }
@@ -145,7 +146,11 @@ func (s *testServer) request(t testing.TB, method, path, body string, cookie *ht
 	for i := 0; i+1 < len(headers); i += 2 {
 		req.Header.Set(headers[i], headers[i+1])
 	}
-	resp, err := http.DefaultClient.Do(req)
+	client := s.client
+	if client == nil {
+		client = http.DefaultClient
+	}
+	resp, err := client.Do(req)
 	if err != nil {
 		t.Fatalf("%s %s: %v", method, path, err)
 	}
@@ -524,6 +529,7 @@ func (p *process) wait(t testing.TB, timeout time.Duration) int {
 // --- lifecycle ---
 
 func TestRestartKeepsUsers(t *testing.T) {
+	t.Parallel()
 	dir := t.TempDir()
 	db := filepath.Join(dir, "chat.db")
 	s := startServer(t, "-db", db)
@@ -540,6 +546,7 @@ func TestRestartKeepsUsers(t *testing.T) {
 }
 
 func TestSIGTERMClosesSocketsAndExitsZero(t *testing.T) {
+	t.Parallel()
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
 		t.Run(sig.String(), func(t *testing.T) {
 			p := startProcess(t, "-db", filepath.Join(t.TempDir(), "chat.db"))
@@ -559,6 +566,7 @@ func TestSIGTERMClosesSocketsAndExitsZero(t *testing.T) {
 }
 
 func TestRegisteredUsersSurviveKill9(t *testing.T) {
+	t.Parallel()
 	db := filepath.Join(t.TempDir(), "chat.db")
 	p := startProcess(t, "-db", db)
 	s := p.asServer(t)
@@ -592,6 +600,7 @@ func TestRegisteredUsersSurviveKill9(t *testing.T) {
 }
 
 func TestBadFlagsAndFilesFailClearly(t *testing.T) {
+	t.Parallel()
 	ctx := context.Background()
 	var out bytes.Buffer
 	if err := run(ctx, []string{"-session-ttl", "banana"}, &out); err == nil {
@@ -631,6 +640,7 @@ func postJSON(url, body string) (response, error) {
 }
 
 func TestSessionsSurviveRestartButNotLogout(t *testing.T) {
+	t.Parallel()
 	db := filepath.Join(t.TempDir(), "chat.db")
 	s := startServer(t, "-db", db)
 	kept := s.user(t, "Kept")
@@ -649,6 +659,7 @@ func TestSessionsSurviveRestartButNotLogout(t *testing.T) {
 }
 
 func TestSessionSurvivesKill9AndExpiresAcrossRestarts(t *testing.T) {
+	t.Parallel()
 	db := filepath.Join(t.TempDir(), "chat.db")
 	p := startProcess(t, "-db", db, "-session-ttl", "2s")
 	s := p.asServer(t)
@@ -703,12 +714,11 @@ func selfSignedCert(t *testing.T) (certFile, keyFile string, client *tls.Config)
 }
 
 func TestDirectTLS(t *testing.T) {
+	t.Parallel()
 	certFile, keyFile, clientTLS := selfSignedCert(t)
 	s := startServer(t, "-tls-cert", certFile, "-tls-key", keyFile)
 	s.url = "https://" + s.addr
-	saved := http.DefaultClient.Transport
-	http.DefaultClient.Transport = &http.Transport{TLSClientConfig: clientTLS}
-	t.Cleanup(func() { http.DefaultClient.Transport = saved })
+	s.client = &http.Client{Transport: &http.Transport{TLSClientConfig: clientTLS}}
 
 	key := s.register(t, "Secure")
 	r := s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, key), nil).expect(t, 200)
@@ -720,7 +730,7 @@ func TestDirectTLS(t *testing.T) {
 	a := s.connect(t, cookie, dialOpts{tls: clientTLS, headers: []string{"Origin", "https://" + s.addr}})
 	b := s.connect(t, other, dialOpts{tls: clientTLS})
 	a.nextWhere(isEvent("join", "AlsoSecure"))
-	// Over TLS every write takes the writer goroutine's path: check a burst.
+	// A burst over TLS: many frames per write pump write.
 	for i := range 200 {
 		a.sendMessage(fmt.Sprintf("tls %d", i))
 	}
