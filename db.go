@@ -9,7 +9,6 @@ import (
 	"net/url"
 	"os"
 	"slices"
-	"sync"
 	"time"
 
 	_ "modernc.org/sqlite"
@@ -53,14 +52,21 @@ type Message struct {
 	Time   time.Time
 }
 
-// Store is the SQLite database. Every statement commits on its own with
-// synchronous=FULL, so whatever the server has answered for (a 201, a login,
-// an ack) is on disk before the answer leaves.
+// Store is the SQLite database. Every write commits with synchronous=FULL
+// before it returns, so whatever the server has answered for (a 201, a
+// login, an ack) is on disk before the answer leaves. Chat messages go
+// through one goroutine that stores all that arrived while it was busy in
+// one transaction, so a busy room pays one disk flush for many messages.
 type Store struct {
-	db *sql.DB
-	// addMu makes storing a message and handing it on one step, so that
-	// messages reach the hub in id order.
-	addMu sync.Mutex
+	db       *sql.DB
+	messages chan pendingMessage
+	stop     chan struct{}
+}
+
+type pendingMessage struct {
+	msg    Message
+	handOn func(Message)
+	done   chan error
 }
 
 // OpenStore opens the database at path, creating what is missing.
@@ -83,11 +89,16 @@ func OpenStore(path string) (*Store, error) {
 	// One connection: SQLite takes one writer at a time anyway, and
 	// database/sql's queue is fairer and quicker than SQLite's busy wait.
 	db.SetMaxOpenConns(1)
-	return &Store{db: db}, nil
+	s := &Store{db: db, messages: make(chan pendingMessage), stop: make(chan struct{})}
+	go s.storeMessages()
+	return s, nil
 }
 
-// Close closes the database.
-func (s *Store) Close() error { return s.db.Close() }
+// Close stops storing messages and closes the database.
+func (s *Store) Close() error {
+	close(s.stop)
+	return s.db.Close()
+}
 
 // hashKey is what the database keeps of a key: a lookup by hash never
 // compares secrets byte by byte, so it takes the same time however close a
@@ -139,21 +150,63 @@ func (s *Store) Ping(ctx context.Context) error {
 	return err
 }
 
-// AddMessage stores m and calls handOn with its id set before any other
-// message is stored, so messages are handed on in id order.
-func (s *Store) AddMessage(ctx context.Context, m Message, handOn func(Message)) error {
-	s.addMu.Lock()
-	defer s.addMu.Unlock()
-	res, err := s.db.ExecContext(ctx, `INSERT INTO messages(author, body, created_at) VALUES(?, ?, ?)`,
-		m.Author, m.Text, m.Time.UnixNano())
-	if err == nil {
-		m.ID, err = res.LastInsertId()
+// AddMessage stores m and calls handOn with its id set, from the one
+// goroutine that stores messages, so messages are handed on in id order.
+func (s *Store) AddMessage(m Message, handOn func(Message)) error {
+	p := pendingMessage{msg: m, handOn: handOn, done: make(chan error, 1)}
+	select {
+	case s.messages <- p:
+		return <-p.done
+	case <-s.stop:
+		return errors.New("store closed")
 	}
+}
+
+func (s *Store) storeMessages() {
+	for {
+		var batch []pendingMessage
+		select {
+		case p := <-s.messages:
+			batch = append(batch, p)
+		case <-s.stop:
+			return
+		}
+		for more := true; more && len(batch) < 512; { // all that waits, up to a bound
+			select {
+			case p := <-s.messages:
+				batch = append(batch, p)
+			default:
+				more = false
+			}
+		}
+		err := s.insertMessages(batch)
+		for _, p := range batch {
+			if err == nil {
+				p.handOn(p.msg)
+			}
+			p.done <- err
+		}
+	}
+}
+
+// insertMessages stores batch in one transaction and sets their ids.
+func (s *Store) insertMessages(batch []pendingMessage) error {
+	tx, err := s.db.Begin()
 	if err != nil {
-		return fmt.Errorf("insert message: %w", err)
+		return fmt.Errorf("insert messages: %w", err)
 	}
-	handOn(m)
-	return nil
+	defer tx.Rollback()
+	for i, p := range batch {
+		res, err := tx.Exec(`INSERT INTO messages(author, body, created_at) VALUES(?, ?, ?)`,
+			p.msg.Author, p.msg.Text, p.msg.Time.UnixNano())
+		if err == nil {
+			batch[i].msg.ID, err = res.LastInsertId()
+		}
+		if err != nil {
+			return fmt.Errorf("insert message: %w", err)
+		}
+	}
+	return tx.Commit()
 }
 
 // LastMessageID returns the highest message id ever handed out, deleted or

@@ -5,7 +5,6 @@
 package main
 
 import (
-	"context"
 	"encoding/binary"
 	"encoding/json"
 	"log/slog"
@@ -53,7 +52,7 @@ func (ch *chat) handle(c *client, f inFrame) {
 		return
 	}
 	m := Message{Author: c.user, Text: text, Time: ch.now()}
-	if err := ch.store.AddMessage(context.Background(), m, func(m Message) { ch.hub.Publish(c, m) }); err != nil {
+	if err := ch.store.AddMessage(m, func(m Message) { ch.hub.Publish(c, m) }); err != nil {
 		ch.log.Error("store message", "user", c.user, "err", err)
 		ch.hub.Refuse(c, ackStorageError)
 	}

@@ -16,6 +16,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -38,6 +39,7 @@ type options struct {
 	receivers int
 	senders   int
 	rate      float64
+	jitter    float64
 	window    int
 	duration  time.Duration
 	idle      int
@@ -53,6 +55,7 @@ func main() {
 	flag.IntVar(&o.receivers, "receivers", 200, "fan-out: receiving clients")
 	flag.IntVar(&o.senders, "senders", 4, "fan-out: sending clients")
 	flag.Float64Var(&o.rate, "rate", 50, "fan-out: messages per second per sender (0: as fast as acks allow)")
+	flag.Float64Var(&o.jitter, "jitter", 0.5, "fan-out with -rate: each sender starts at a random phase and waits a random 1±jitter intervals between messages (0: all in step)")
 	flag.IntVar(&o.window, "window", 1, "fan-out with -rate 0: unacknowledged messages per sender")
 	flag.DurationVar(&o.duration, "duration", 10*time.Second, "fan-out: send window")
 	flag.IntVar(&o.idle, "idle", 10000, "idle: connected clients that only listen")
@@ -386,15 +389,16 @@ func send(ws *websocket.Conn, tag string, o options, deadline time.Time) int64 {
 		}
 	}()
 	var sent, acked int64
-	var tick <-chan time.Time
-	if o.rate > 0 {
-		t := time.NewTicker(time.Duration(float64(time.Second) / o.rate))
-		defer t.Stop()
-		tick = t.C
+	interval := time.Duration(float64(time.Second) / o.rate)
+	next := time.Now()
+	if o.rate > 0 && o.jitter > 0 {
+		// Real users do not send in step: start at a random phase.
+		next = next.Add(time.Duration(rand.Int64N(int64(interval))))
 	}
 	for time.Now().Before(deadline) {
-		if tick != nil {
-			<-tick
+		if o.rate > 0 {
+			time.Sleep(time.Until(next))
+			next = next.Add(time.Duration(float64(interval) * (1 + o.jitter*(2*rand.Float64()-1))))
 		} else if sent-acked >= int64(o.window) {
 			if _, ok := <-acks; !ok {
 				return acked
