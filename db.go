@@ -94,9 +94,14 @@ func OpenStore(path string) (*Store, error) {
 	return s, nil
 }
 
-// Close stops storing messages and closes the database.
+// Close stops storing messages and closes the database. Later calls only
+// report that it is closed.
 func (s *Store) Close() error {
-	close(s.stop)
+	select {
+	case <-s.stop:
+	default:
+		close(s.stop)
+	}
 	return s.db.Close()
 }
 
