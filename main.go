@@ -31,33 +31,22 @@ func main() {
 
 // config is everything the command line sets.
 type config struct {
-	Addr           string
-	DB             string
-	SessionTTL     time.Duration
-	TLSCert        string
-	TLSKey         string
-	AllowedOrigins map[string]bool
-	PingInterval   time.Duration
-
-	MsgRate        float64
-	MsgBurst       int
-	AuthRate       float64
-	AuthBurst      int
-	TrustedProxies []netip.Prefix
-	MaxConns       int
-
-	History     int
-	ReplayMax   int
-	HistoryKeep time.Duration
-
-	// Set by tests only: the clock, and how often cleanup and retention run.
-	now          func() time.Time
-	cleanupEvery time.Duration
+	Addr, DB, TLSCert, TLSKey     string
+	SessionTTL, PingInterval      time.Duration
+	AllowedOrigins                map[string]bool
+	TrustedProxies                []netip.Prefix
+	MsgRate, AuthRate             float64
+	MsgBurst, AuthBurst, MaxConns int
+	History, ReplayMax            int
+	HistoryKeep                   time.Duration
+	now                           func() time.Time // tests set the clock,
+	cleanupEvery                  time.Duration    // and how often cleanup runs
 }
 
 // parseConfig reads the flags. Usage goes to out.
 func parseConfig(args []string, out io.Writer) (config, error) {
-	cfg := config{now: time.Now, cleanupEvery: time.Minute}
+	cfg := config{now: time.Now, cleanupEvery: time.Minute, AllowedOrigins: map[string]bool{},
+		TrustedProxies: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}}
 	fs := flag.NewFlagSet("gochat", flag.ContinueOnError)
 	fs.SetOutput(out)
 	fs.StringVar(&cfg.Addr, "addr", "0.0.0.0:7777", "listen address")
@@ -65,13 +54,24 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 	fs.DurationVar(&cfg.SessionTTL, "session-ttl", time.Hour, "idle session lifetime")
 	fs.StringVar(&cfg.TLSCert, "tls-cert", "", "TLS certificate file (with -tls-key: serve HTTPS and WSS)")
 	fs.StringVar(&cfg.TLSKey, "tls-key", "", "TLS private key file")
-	origins := fs.String("allowed-origins", "", "comma-separated extra origins allowed to open the WebSocket")
+	fs.Func("allowed-origins", "comma-separated extra origins allowed to open the WebSocket", func(list string) error {
+		for _, o := range strings.FieldsFunc(list, isListSeparator) {
+			if normalizeOrigin(o) == "" {
+				return fmt.Errorf("%q is not an origin like https://example.com", o)
+			}
+			cfg.AllowedOrigins[normalizeOrigin(o)] = true
+		}
+		return nil
+	})
 	fs.DurationVar(&cfg.PingInterval, "ping-interval", 30*time.Second, "how often sockets are pinged; one silent for twice this is dropped")
 	fs.Float64Var(&cfg.MsgRate, "msg-rate", 5, "chat messages per second per user, refill rate (0: no limit)")
 	fs.IntVar(&cfg.MsgBurst, "msg-burst", 10, "chat messages a user may send at once")
 	fs.Float64Var(&cfg.AuthRate, "auth-rate", 1, "registrations and logins per second per client IP, refill rate (0: no limit)")
 	fs.IntVar(&cfg.AuthBurst, "auth-burst", 10, "registrations and logins a client IP may make at once")
-	proxies := fs.String("trusted-proxies", "127.0.0.0/8,::1/128", "comma-separated proxy addresses or CIDRs whose X-Forwarded-For is believed")
+	fs.Func("trusted-proxies", "comma-separated proxy addresses or CIDRs whose X-Forwarded-For is believed (default 127.0.0.0/8,::1/128)", func(list string) (err error) {
+		cfg.TrustedProxies, err = parsePrefixes(list)
+		return err
+	})
 	fs.IntVar(&cfg.MaxConns, "max-conns", 10000, "most simultaneous WebSockets")
 	fs.IntVar(&cfg.History, "history", 50, "stored messages sent on connect (0: none)")
 	fs.IntVar(&cfg.ReplayMax, "replay-max", 1000, "most messages replayed on reconnect with ?since=")
@@ -79,49 +79,17 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
 	}
-	if fs.NArg() > 0 {
-		return cfg, fmt.Errorf("unexpected arguments: %q", fs.Args())
-	}
-	var err error
-	if cfg.AllowedOrigins, err = parseOrigins(*origins); err != nil {
-		return cfg, err
-	}
-	if cfg.TrustedProxies, err = parsePrefixes(*proxies); err != nil {
-		return cfg, err
-	}
-	return cfg, cfg.validate()
-}
-
-func (cfg config) validate() error {
 	switch {
-	case cfg.SessionTTL <= 0:
-		return errors.New("-session-ttl must be positive")
+	case fs.NArg() > 0:
+		return cfg, fmt.Errorf("unexpected arguments: %q", fs.Args())
+	case cfg.SessionTTL <= 0 || cfg.PingInterval <= 0 || cfg.HistoryKeep <= 0:
+		return cfg, errors.New("-session-ttl, -ping-interval and -history-keep must be positive")
 	case (cfg.TLSCert == "") != (cfg.TLSKey == ""):
-		return errors.New("-tls-cert and -tls-key go together")
-	case cfg.PingInterval <= 0:
-		return errors.New("-ping-interval must be positive")
-	case cfg.MsgRate < 0 || cfg.AuthRate < 0:
-		return errors.New("rates must not be negative")
-	case cfg.MaxConns < 1:
-		return errors.New("-max-conns must be at least 1")
-	case cfg.History < 0 || cfg.ReplayMax < 0:
-		return errors.New("-history and -replay-max must not be negative")
-	case cfg.HistoryKeep <= 0:
-		return errors.New("-history-keep must be positive")
+		return cfg, errors.New("-tls-cert and -tls-key go together")
+	case cfg.MsgRate < 0 || cfg.AuthRate < 0 || cfg.History < 0 || cfg.ReplayMax < 0 || cfg.MaxConns < 1:
+		return cfg, errors.New("rates, -history and -replay-max must not be negative, -max-conns at least 1")
 	}
-	return nil
-}
-
-func parseOrigins(list string) (map[string]bool, error) {
-	origins := make(map[string]bool)
-	for _, o := range strings.FieldsFunc(list, isListSeparator) {
-		n := normalizeOrigin(o)
-		if n == "" {
-			return nil, fmt.Errorf("-allowed-origins: %q is not an origin like https://example.com", o)
-		}
-		origins[n] = true
-	}
-	return origins, nil
+	return cfg, nil
 }
 
 func parsePrefixes(list string) ([]netip.Prefix, error) {
@@ -132,7 +100,7 @@ func parsePrefixes(list string) ([]netip.Prefix, error) {
 			p, err = netip.PrefixFrom(addr, addr.BitLen()), nil
 		}
 		if err != nil {
-			return nil, fmt.Errorf("-trusted-proxies: %q is not an address or CIDR", s)
+			return nil, fmt.Errorf("%q is not an address or CIDR", s)
 		}
 		prefixes = append(prefixes, p.Masked())
 	}
@@ -159,26 +127,36 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 
 // serve runs the server on ln until ctx is done, then shuts down: no new
 // connections, every WebSocket closed with 1001, in-flight requests
-// finished, database closed.
+// finished, sessions saved, database closed.
 func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) error {
 	defer ln.Close()
-	var tlsConfig *tls.Config
+	srv := &http.Server{
+		ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 15 * time.Second, WriteTimeout: 15 * time.Second,
+		IdleTimeout: 60 * time.Second, MaxHeaderBytes: 16 << 10,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
 	if cfg.TLSCert != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
 		if err != nil {
 			return fmt.Errorf("load TLS key pair: %w", err)
 		}
-		tlsConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+		ln = tls.NewListener(ln, srv.TLSConfig)
 	}
 	store, err := OpenStore(cfg.DB)
 	if err != nil {
 		return err
 	}
 	defer store.Close()
-	hub, err := startHub(cfg, store, log)
+	recent, err := store.Messages(ctx, 0, max(cfg.History, cfg.ReplayMax))
 	if err != nil {
 		return err
 	}
+	lastID, err := store.LastMessageID(ctx)
+	if err != nil {
+		return err
+	}
+	hub := NewHub(recent, lastID, cfg.History, cfg.ReplayMax, cfg.MaxConns, log)
 	sessions, err := NewSessions(ctx, cfg.SessionTTL, cfg.now, store)
 	if err != nil {
 		return err
@@ -186,6 +164,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	authRate := newRateLimiter(cfg.AuthRate, cfg.AuthBurst, cfg.now)
 	msgRate := newRateLimiter(cfg.MsgRate, cfg.MsgBurst, cfg.now)
 	chat := &chat{hub: hub, store: store, sessions: sessions, limit: msgRate, now: cfg.now, log: log}
+	srv.Handler = routes(cfg, log, store, sessions, hub, chat, authRate)
 
 	bg, stopBackground := context.WithCancel(context.Background())
 	defer stopBackground()
@@ -198,26 +177,9 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	})
 	go every(bg, min(cfg.HistoryKeep/10, cfg.cleanupEvery), func() { deleteOldMessages(bg, cfg, store, hub, log) })
 
-	srv := &http.Server{
-		Handler:           routes(cfg, log, store, sessions, hub, chat, authRate),
-		TLSConfig:         tlsConfig,
-		ReadHeaderTimeout: 5 * time.Second,
-		ReadTimeout:       15 * time.Second,
-		WriteTimeout:      15 * time.Second,
-		IdleTimeout:       60 * time.Second,
-		MaxHeaderBytes:    16 << 10,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
-	}
 	served := make(chan error, 1)
-	go func() {
-		if tlsConfig != nil {
-			served <- srv.ServeTLS(ln, "", "")
-		} else {
-			served <- srv.Serve(ln)
-		}
-	}()
-	log.Info("gochat listening", "addr", ln.Addr().String(), "db", cfg.DB, "session_ttl", cfg.SessionTTL, "tls", tlsConfig != nil)
-
+	go func() { served <- srv.Serve(ln) }()
+	log.Info("gochat listening", "addr", ln.Addr().String(), "db", cfg.DB, "tls", srv.TLSConfig != nil)
 	select {
 	case err := <-served:
 		hub.Shutdown(context.Background(), closeGoingAway)
@@ -235,27 +197,13 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	}
 	stopBackground()
 	if err := sessions.Save(context.Background()); err != nil {
-		log.Error("sessions", "err", err)
+		log.Error("save sessions", "err", err)
 	}
 	if err := store.Close(); err != nil {
 		return fmt.Errorf("close db: %w", err)
 	}
 	log.Info("stopped")
 	return nil
-}
-
-// startHub starts the hub with the stored messages it may replay.
-func startHub(cfg config, store *Store, log *slog.Logger) (*Hub, error) {
-	ctx := context.Background()
-	recent, err := store.Messages(ctx, 0, max(cfg.History, cfg.ReplayMax))
-	if err != nil {
-		return nil, err
-	}
-	lastID, err := store.LastMessageID(ctx)
-	if err != nil {
-		return nil, err
-	}
-	return NewHub(recent, lastID, cfg.History, cfg.ReplayMax, cfg.MaxConns, log), nil
 }
 
 // deleteOldMessages deletes messages older than -history-keep. The hub
