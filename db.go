@@ -89,7 +89,7 @@ func OpenStore(path string) (*Store, error) {
 	// One connection: SQLite takes one writer at a time anyway, and
 	// database/sql's queue is fairer and quicker than SQLite's busy wait.
 	db.SetMaxOpenConns(1)
-	s := &Store{db: db, messages: make(chan pendingMessage), stop: make(chan struct{})}
+	s := &Store{db: db, messages: make(chan pendingMessage, 512), stop: make(chan struct{})}
 	go s.storeMessages()
 	return s, nil
 }
@@ -176,15 +176,10 @@ func (s *Store) storeMessages() {
 		case <-s.stop:
 			return
 		}
-		for more := true; more && len(batch) < 512; { // all that waits, up to a bound
-			select {
-			case p := <-s.messages:
-				batch = append(batch, p)
-			default:
-				more = false
-			}
+		for len(batch) < cap(s.messages) && len(s.messages) > 0 { // all that waits
+			batch = append(batch, <-s.messages)
 		}
-		err := s.insertMessages(batch)
+		err := s.inTx(func(tx *sql.Tx) error { return insertMessages(tx, batch) })
 		for _, p := range batch {
 			if err == nil {
 				p.handOn(p.msg)
@@ -194,13 +189,8 @@ func (s *Store) storeMessages() {
 	}
 }
 
-// insertMessages stores batch in one transaction and sets their ids.
-func (s *Store) insertMessages(batch []pendingMessage) error {
-	tx, err := s.db.Begin()
-	if err != nil {
-		return fmt.Errorf("insert messages: %w", err)
-	}
-	defer tx.Rollback()
+// insertMessages stores batch and sets their ids.
+func insertMessages(tx *sql.Tx, batch []pendingMessage) error {
 	for i, p := range batch {
 		res, err := tx.Exec(`INSERT INTO messages(author, body, created_at) VALUES(?, ?, ?)`,
 			p.msg.Author, p.msg.Text, p.msg.Time.UnixNano())
@@ -210,6 +200,19 @@ func (s *Store) insertMessages(batch []pendingMessage) error {
 		if err != nil {
 			return fmt.Errorf("insert message: %w", err)
 		}
+	}
+	return nil
+}
+
+// inTx runs f in a transaction and commits it, or rolls it back on error.
+func (s *Store) inTx(f func(tx *sql.Tx) error) error {
+	tx, err := s.db.Begin()
+	if err != nil {
+		return err
+	}
+	if err := f(tx); err != nil {
+		tx.Rollback()
+		return err
 	}
 	return tx.Commit()
 }
@@ -276,57 +279,4 @@ func (s *Store) DeleteMessagesThrough(ctx context.Context, id int64) (int64, err
 			return total, nil
 		}
 	}
-}
-
-// SaveSession stores a new session.
-func (s *Store) SaveSession(ctx context.Context, key sessionKey, user string, lastUsed time.Time) error {
-	_, err := s.db.ExecContext(ctx, `INSERT OR REPLACE INTO sessions(key, username, last_used) VALUES(?, ?, ?)`,
-		key[:], user, lastUsed.UnixNano())
-	return err
-}
-
-// DeleteSession removes a session.
-func (s *Store) DeleteSession(ctx context.Context, key sessionKey) error {
-	_, err := s.db.ExecContext(ctx, `DELETE FROM sessions WHERE key = ?`, key[:])
-	return err
-}
-
-// SaveSessionUses records the last use of sessions, by key, and deletes
-// the sessions last used before cutoff, in one transaction.
-func (s *Store) SaveSessionUses(ctx context.Context, used map[sessionKey]time.Time, cutoff time.Time) error {
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	defer tx.Rollback()
-	for key, at := range used {
-		if _, err := tx.Exec(`UPDATE sessions SET last_used = max(last_used, ?) WHERE key = ?`, at.UnixNano(), key[:]); err != nil {
-			return err
-		}
-	}
-	if _, err := tx.Exec(`DELETE FROM sessions WHERE last_used < ?`, cutoff.UnixNano()); err != nil {
-		return err
-	}
-	return tx.Commit()
-}
-
-// LoadSessions calls each for every session last used at or after since.
-func (s *Store) LoadSessions(ctx context.Context, since time.Time, each func(sessionKey, string, time.Time)) error {
-	rows, err := s.db.QueryContext(ctx, `SELECT key, username, last_used FROM sessions WHERE last_used >= ?`, since.UnixNano())
-	if err != nil {
-		return fmt.Errorf("load sessions: %w", err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var key []byte
-		var user string
-		var nanos int64
-		if err := rows.Scan(&key, &user, &nanos); err != nil {
-			return fmt.Errorf("load sessions: %w", err)
-		}
-		if len(key) == len(sessionKey{}) {
-			each(sessionKey(key), user, time.Unix(0, nanos))
-		}
-	}
-	return rows.Err()
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"database/sql"
 	"crypto/rand"
 	"crypto/sha256"
 	"fmt"
@@ -119,7 +120,7 @@ func (s *Sessions) Save(ctx context.Context) error {
 		sess.unsaved = false
 	}
 	s.mu.Unlock()
-	return s.store.SaveSessionUses(ctx, used, now.Add(-s.ttl))
+	return s.store.SaveSessionUses(used, now.Add(-s.ttl))
 }
 
 // Len returns the number of sessions held, expired or not.
@@ -127,6 +128,56 @@ func (s *Sessions) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return len(s.m)
+}
+
+// The sessions table: a row per session, with only the hash of its id.
+
+// SaveSession stores a new session.
+func (s *Store) SaveSession(ctx context.Context, key sessionKey, user string, lastUsed time.Time) error {
+	_, err := s.db.ExecContext(ctx, `INSERT OR REPLACE INTO sessions(key, username, last_used) VALUES(?, ?, ?)`,
+		key[:], user, lastUsed.UnixNano())
+	return err
+}
+
+// DeleteSession removes a session.
+func (s *Store) DeleteSession(ctx context.Context, key sessionKey) error {
+	_, err := s.db.ExecContext(ctx, `DELETE FROM sessions WHERE key = ?`, key[:])
+	return err
+}
+
+// SaveSessionUses records the last use of sessions, by key, and deletes
+// the sessions last used before cutoff.
+func (s *Store) SaveSessionUses(used map[sessionKey]time.Time, cutoff time.Time) error {
+	return s.inTx(func(tx *sql.Tx) error {
+		for key, at := range used {
+			if _, err := tx.Exec(`UPDATE sessions SET last_used = max(last_used, ?) WHERE key = ?`, at.UnixNano(), key[:]); err != nil {
+				return err
+			}
+		}
+		_, err := tx.Exec(`DELETE FROM sessions WHERE last_used < ?`, cutoff.UnixNano())
+		return err
+	})
+}
+
+// LoadSessions calls each for every session last used at or after since.
+func (s *Store) LoadSessions(ctx context.Context, since time.Time, each func(sessionKey, string, time.Time)) error {
+	rows, err := s.db.QueryContext(ctx, `SELECT key, username, last_used FROM sessions WHERE last_used >= ?`, since.UnixNano())
+	if err != nil {
+		return fmt.Errorf("load sessions: %w", err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var key []byte
+		var user string
+		var nanos int64
+		if err := rows.Scan(&key, &user, &nanos); err != nil {
+			return fmt.Errorf("load sessions: %w", err)
+		}
+		if len(key) == len(sessionKey{}) {
+			each(sessionKey(key), user, time.Unix(0, nanos))
+		}
+	}
+	return rows.Err()
 }
 
 const sessionCookie = "session"
