@@ -2,9 +2,9 @@ package main
 
 import (
 	"context"
-	"database/sql"
 	"crypto/rand"
 	"crypto/sha256"
+	"database/sql"
 	"fmt"
 	"net/http"
 	"sync"
