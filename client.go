@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/url"
 	"strings"
 	"sync"
 	"time"
@@ -214,25 +213,6 @@ func serveSocket(w http.ResponseWriter, r *http.Request, c *client, chat *chat, 
 	if !served {
 		leave(closeNormal)
 	}
-}
-
-// originAllowed lets in requests without Origin (not from a browser), from
-// the server's own origin, and from the configured extra origins.
-func originAllowed(r *http.Request, allowed map[string]bool) bool {
-	origin := r.Header.Get("Origin")
-	o := normalizeOrigin(origin)
-	return origin == "" || o != "" && (o == normalizeOrigin(requestScheme(r)+"://"+requestHost(r)) || allowed[o])
-}
-
-// normalizeOrigin returns scheme://host in lower case without a default
-// port, or "" when s is not an origin.
-func normalizeOrigin(s string) string {
-	u, err := url.Parse(strings.TrimSpace(s))
-	if err != nil || u.Scheme == "" || u.Host == "" {
-		return ""
-	}
-	scheme, host := strings.ToLower(u.Scheme), strings.ToLower(u.Host)
-	return scheme + "://" + strings.TrimSuffix(host, map[string]string{"http": ":80", "https": ":443"}[scheme])
 }
 
 func isWebSocketUpgrade(r *http.Request) bool {

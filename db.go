@@ -161,11 +161,18 @@ func (s *Store) AddMessage(m Message, handOn func(Message)) error {
 	p := pendingMessage{msg: m, handOn: handOn, done: make(chan error, 1)}
 	select {
 	case s.messages <- p:
-		return <-p.done
 	case <-s.stop:
-		return errors.New("store closed")
+		return errStoreClosed
+	}
+	select {
+	case err := <-p.done:
+		return err
+	case <-s.stop:
+		return errStoreClosed
 	}
 }
+
+var errStoreClosed = errors.New("store closed")
 
 func (s *Store) storeMessages() {
 	for {

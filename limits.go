@@ -1,6 +1,7 @@
-// Abuse limits: token buckets keyed by user or client IP, and finding the
-// client IP behind a trusted proxy. Its own file because both the HTTP API
-// and the WebSocket reader use it and it belongs to neither.
+// Abuse limits and what to believe of a request: token buckets keyed by
+// user or client IP, and the client's IP, scheme, host and origin behind a
+// trusted proxy. Its own file because both the HTTP API and the sockets use
+// it and it belongs to neither.
 
 package main
 
@@ -9,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -144,4 +146,23 @@ func requestHost(r *http.Request) string {
 func firstHeaderValue(r *http.Request, name string) string {
 	v, _, _ := strings.Cut(r.Header.Get(name), ",")
 	return strings.TrimSpace(v)
+}
+
+// originAllowed lets in requests without Origin (not from a browser), from
+// the server's own origin, and from the configured extra origins.
+func originAllowed(r *http.Request, allowed map[string]bool) bool {
+	origin := r.Header.Get("Origin")
+	o := normalizeOrigin(origin)
+	return origin == "" || o != "" && (o == normalizeOrigin(requestScheme(r)+"://"+requestHost(r)) || allowed[o])
+}
+
+// normalizeOrigin returns scheme://host in lower case without a default
+// port, or "" when s is not an origin.
+func normalizeOrigin(s string) string {
+	u, err := url.Parse(strings.TrimSpace(s))
+	if err != nil || u.Scheme == "" || u.Host == "" {
+		return ""
+	}
+	scheme, host := strings.ToLower(u.Scheme), strings.ToLower(u.Host)
+	return scheme + "://" + strings.TrimSuffix(host, map[string]string{"http": ":80", "https": ":443"}[scheme])
 }
