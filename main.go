@@ -140,8 +140,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		if err != nil {
 			return fmt.Errorf("load TLS key pair: %w", err)
 		}
-		srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-		ln = tls.NewListener(ln, srv.TLSConfig)
+		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
 	}
 	store, err := OpenStore(cfg.DB)
 	if err != nil {
@@ -179,7 +178,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
-	log.Info("gochat listening", "addr", ln.Addr().String(), "db", cfg.DB, "tls", srv.TLSConfig != nil)
+	log.Info("gochat listening", "addr", ln.Addr().String(), "db", cfg.DB, "tls", cfg.TLSCert != "")
 	select {
 	case err := <-served:
 		hub.Shutdown(context.Background(), closeGoingAway)
