@@ -99,9 +99,15 @@ func internalError(w http.ResponseWriter, log *slog.Logger, r *http.Request, err
 	writeError(w, http.StatusInternalServerError, "internal error")
 }
 
-// bodyField reads a body of at most maxBodyBytes holding {"<name>": "<string>"}
-// and returns the string, answering 413 or 422 itself.
+// bodyField reads a JSON body of at most maxBodyBytes holding
+// {"<name>": "<string>"} and returns the string, answering 413, 415 or 422
+// itself. Insisting on the JSON media type keeps a plain HTML form on
+// another site (which cannot send it) from posting here.
 func bodyField(w http.ResponseWriter, r *http.Request, name string) (string, bool) {
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
+		writeError(w, http.StatusUnsupportedMediaType, "Content-Type must be application/json")
+		return "", false
+	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	if err != nil {
 		writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body larger than %d bytes", maxBodyBytes))
@@ -115,22 +121,32 @@ func bodyField(w http.ResponseWriter, r *http.Request, name string) (string, boo
 }
 
 // stringField parses data as exactly one JSON object holding exactly one
-// field, name, whose value is a string, with nothing after the object.
+// field, name, once, whose value is a string, with nothing after it.
 func stringField(data []byte, name string) (string, error) {
-	var fields map[string]json.RawMessage
 	dec := json.NewDecoder(bytes.NewReader(data))
-	if err := dec.Decode(&fields); err != nil || fields == nil {
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
 		return "", errors.New("not a JSON object")
+	}
+	var value *string
+	for dec.More() {
+		key, _ := dec.Token()
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return "", errors.New("not a JSON object")
+		}
+		var s string
+		if key != name || value != nil || raw[0] != '"' || json.Unmarshal(raw, &s) != nil {
+			return "", fmt.Errorf("want exactly the field %q, once, a string", name)
+		}
+		value = &s
+	}
+	if t, err := dec.Token(); err != nil || t != json.Delim('}') || value == nil {
+		return "", fmt.Errorf("want exactly the field %q, a string", name)
 	}
 	if _, err := dec.Token(); err != io.EOF {
 		return "", errors.New("unexpected data after the JSON object")
 	}
-	var value string
-	raw := fields[name]
-	if len(fields) != 1 || len(raw) == 0 || raw[0] != '"' || json.Unmarshal(raw, &value) != nil {
-		return "", fmt.Errorf("want exactly the field %q, a string", name)
-	}
-	return value, nil
+	return *value, nil
 }
 
 func validUsername(name string) bool {

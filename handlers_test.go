@@ -80,6 +80,23 @@ func TestMalformedBodiesAre422(t *testing.T) {
 	}
 }
 
+// A page on another site can post a plain HTML form with
+// enctype="text/plain" whose one field makes the body {"key":"x=","key":"K"}:
+// it must not log the visitor in as the owner of K.
+func TestLoginCSRFIsRefused(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	key := s.register(t, "Attacker")
+	forged := fmt.Sprintf(`{"key":"x=","key":%q}`, key)
+	s.request(t, "POST", "/api/login", forged, nil, "Content-Type", "text/plain").expect(t, 415)
+	s.request(t, "POST", "/api/login", forged, nil).expect(t, 422)
+	for _, ct := range []string{"", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "text/json"} {
+		s.request(t, "POST", "/api/register", `{"username":"Victim"}`, nil, "Content-Type", ct).expect(t, 415)
+	}
+	s.request(t, "POST", "/api/register", `{"username":"Victim"}`, nil, "Content-Type", "application/json; charset=utf-8").expect(t, 201)
+	s.request(t, "POST", "/api/register", `{"username":"Twice","username":"Twice"}`, nil).expect(t, 422)
+}
+
 func TestOversizedBodyIs413(t *testing.T) {
 	t.Parallel()
 	s := startServer(t)

@@ -143,6 +143,9 @@ func (s *testServer) request(t testing.TB, method, path, body string, cookie *ht
 	if cookie != nil {
 		req.AddCookie(cookie)
 	}
+	if method == "POST" {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	for i := 0; i+1 < len(headers); i += 2 {
 		req.Header.Set(headers[i], headers[i+1])
 	}
