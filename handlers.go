@@ -25,8 +25,8 @@ const maxBodyBytes = 4 << 10
 // with the mux's own 404 and 405 answers turned into JSON errors.
 func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, chat *chat, authRate *rateLimiter) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("POST /api/register", limitAuth(authRate, cfg.TrustedProxies, handleRegister(store, log)))
-	mux.Handle("POST /api/login", limitAuth(authRate, cfg.TrustedProxies, handleLogin(store, sessions, log)))
+	mux.Handle("POST /api/register", limitAuth(authRate, handleRegister(store, log)))
+	mux.Handle("POST /api/login", limitAuth(authRate, handleLogin(store, sessions, log)))
 	mux.Handle("GET /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("POST /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("GET /api/online", handleOnline(sessions, hub))
@@ -37,12 +37,12 @@ func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub 
 	mux.Handle("GET /{$}", handleStatic("index.html"))
 	mux.Handle("GET /app.js", handleStatic("app.js"))
 	mux.Handle("GET /style.css", handleStatic("style.css"))
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return trustProxies(cfg.TrustedProxies, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if _, pattern := mux.Handler(r); pattern == "" {
 			w = &errorRewriter{ResponseWriter: w}
 		}
 		mux.ServeHTTP(w, r)
-	})
+	}))
 }
 
 // errorRewriter turns the mux's plain-text error answers into JSON ones.

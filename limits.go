@@ -7,7 +7,6 @@ package main
 
 import (
 	"math"
-	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -27,6 +26,10 @@ type rateLimiter struct {
 	mu      sync.Mutex
 	buckets map[string]*bucket
 }
+
+// maxBuckets bounds a limiter's memory (about 100 bytes a bucket) however
+// many addresses a flood comes from.
+const maxBuckets = 1 << 16
 
 type bucket struct {
 	tokens float64
@@ -48,6 +51,12 @@ func (l *rateLimiter) Allow(key string) (bool, time.Duration) {
 	defer l.mu.Unlock()
 	b := l.buckets[key]
 	if b == nil {
+		for k := range l.buckets { // full: forget one, so memory stays bounded between sweeps
+			if len(l.buckets) < maxBuckets {
+				break
+			}
+			delete(l.buckets, k)
+		}
 		b = &bucket{tokens: l.burst, last: now}
 		l.buckets[key] = b
 	}
@@ -73,11 +82,11 @@ func (l *rateLimiter) Sweep() {
 	}
 }
 
-// limitAuth answers 429 with Retry-After when the client IP has used up
-// its registrations and logins.
-func limitAuth(limit *rateLimiter, trusted []netip.Prefix, next http.Handler) http.Handler {
+// limitAuth answers 429 with Retry-After when the client has used up its
+// registrations and logins.
+func limitAuth(limit *rateLimiter, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ok, wait := limit.Allow(clientIP(r, trusted))
+		ok, wait := limit.Allow(clientKey(r))
 		if !ok {
 			w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
 			writeError(w, http.StatusTooManyRequests, "too many requests, slow down")
@@ -87,32 +96,50 @@ func limitAuth(limit *rateLimiter, trusted []netip.Prefix, next http.Handler) ht
 	})
 }
 
-// clientIP is the TCP peer, or the last hop of X-Forwarded-For when the
-// peer is a trusted proxy: that hop is the one the proxy itself saw, and
-// everything before it is the client's word.
-func clientIP(r *http.Request, trusted []netip.Prefix) string {
-	host, _, err := net.SplitHostPort(r.RemoteAddr)
-	if err != nil {
-		host = r.RemoteAddr
+// clientKey is what the auth limit counts by: the client's IPv4 address, or
+// its IPv6 /64, as one host usually has a whole /64 to pick from. The client
+// is the TCP peer, or the last hop of X-Forwarded-For from a trusted proxy:
+// that hop is the one the proxy itself saw; the rest is the client's word.
+func clientKey(r *http.Request) string {
+	addr := peerAddr(r)
+	if hops := r.Header.Values("X-Forwarded-For"); len(hops) > 0 {
+		last := hops[len(hops)-1]
+		if a, err := netip.ParseAddr(strings.TrimSpace(last[strings.LastIndexByte(last, ',')+1:])); err == nil {
+			addr = a.Unmap()
+		}
 	}
-	peer, err := netip.ParseAddr(host)
-	if err != nil {
-		return host
+	if addr.Is6() {
+		p, _ := addr.Prefix(64)
+		return p.String()
 	}
-	peer = peer.Unmap()
-	if !inPrefixes(peer, trusted) {
-		return peer.String()
-	}
-	hops := r.Header.Values("X-Forwarded-For")
-	if len(hops) == 0 {
-		return peer.String()
-	}
-	parts := strings.Split(hops[len(hops)-1], ",")
-	last, err := netip.ParseAddr(strings.TrimSpace(parts[len(parts)-1]))
-	if err != nil {
-		return peer.String()
-	}
-	return last.Unmap().String()
+	return addr.String()
+}
+
+func peerAddr(r *http.Request) netip.Addr {
+	ap, _ := netip.ParseAddrPort(r.RemoteAddr)
+	return ap.Addr().Unmap()
+}
+
+// trustProxies drops a request's X-Forwarded-For, -Proto and -Host unless
+// its TCP peer is a trusted proxy, and those that are not well formed, so
+// that the handlers after it may believe what is left.
+func trustProxies(trusted []netip.Prefix, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := r.Header
+		if !inPrefixes(peerAddr(r), trusted) {
+			h.Del("X-Forwarded-For")
+			h.Del("X-Forwarded-Proto")
+			h.Del("X-Forwarded-Host")
+		}
+		if p := strings.ToLower(firstHeaderValue(r, "X-Forwarded-Proto")); p != "http" && p != "https" {
+			h.Del("X-Forwarded-Proto")
+		}
+		if host := firstHeaderValue(r, "X-Forwarded-Host"); len(host) > 255 || strings.Trim(host,
+			"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]") != "" {
+			h.Del("X-Forwarded-Host") // a host[:port], nothing that could end a CSP directive
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 func inPrefixes(addr netip.Addr, prefixes []netip.Prefix) bool {

@@ -4,6 +4,7 @@ import (
 	"database/sql"
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -315,4 +316,75 @@ func makeReadOnly(t *testing.T, path string) {
 		t.Skipf("cannot make the file immutable as root: %v %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command("chattr", "-i", path).Run() })
+}
+
+// X-Forwarded-Proto and X-Forwarded-Host count only from a trusted proxy:
+// from anyone else they could pass a foreign origin off as the server's own.
+func TestProxyHeadersBelievedOnlyFromTrustedProxies(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-trusted-proxies", "10.0.0.0/8")
+	cookie := s.user(t, "Direct")
+	forged := []string{"Origin", "https://evil.example", "X-Forwarded-Host", "evil.example", "X-Forwarded-Proto", "https"}
+	if ws, r := s.dialWS(t, cookie, dialOpts{headers: forged}); ws != nil || r.status != 403 {
+		t.Fatalf("foreign origin with forged proxy headers: %d, want 403", r.status)
+	}
+	key := s.register(t, "Plain")
+	r := s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, key), nil, "X-Forwarded-Proto", "https").expect(t, 200)
+	if sessionCookieOf(t, r.header).Secure {
+		t.Fatal("cookie marked Secure on a forged X-Forwarded-Proto")
+	}
+	page, err := http.Get(s.url + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page.Body.Close()
+	req, _ := http.NewRequest("GET", s.url+"/", nil)
+	req.Header.Set("X-Forwarded-Host", "evil.example")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if got, want := resp.Header.Get("Content-Security-Policy"), page.Header.Get("Content-Security-Policy"); got != want {
+		t.Fatalf("CSP follows a forged X-Forwarded-Host:\n%s\nwant\n%s", got, want)
+	}
+}
+
+// Even a trusted proxy's X-Forwarded-Host must be a host: a ";" in it would
+// add directives to the Content-Security-Policy.
+func TestMalformedForwardedHostIsIgnored(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	req, _ := http.NewRequest("GET", s.url+"/", nil)
+	req.Header.Set("X-Forwarded-Host", "chat.example; script-src *")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if csp := resp.Header.Get("Content-Security-Policy"); strings.Contains(csp, "*") || !strings.Contains(csp, "ws://"+s.addr) {
+		t.Fatalf("CSP %q", csp)
+	}
+}
+
+// An IPv6 client picks any address of its /64: the auth limit counts the /64.
+func TestAuthLimitKeysIPv6ByItsSlash64(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-auth-rate", "0.5", "-auth-burst", "3")
+	for i := range 3 {
+		s.request(t, "POST", "/api/login", `{"key":"nope"}`, nil, "X-Forwarded-For", fmt.Sprintf("2001:db8:1:2::%x", i+1)).expect(t, 401)
+	}
+	s.request(t, "POST", "/api/login", `{"key":"nope"}`, nil, "X-Forwarded-For", "2001:db8:1:2:ffff::9").expect(t, 429)
+	s.request(t, "POST", "/api/login", `{"key":"nope"}`, nil, "X-Forwarded-For", "2001:db8:1:3::1").expect(t, 401)
+}
+
+func TestRateLimiterStaysBounded(t *testing.T) {
+	t.Parallel()
+	l := newRateLimiter(1, 1, time.Now)
+	for i := range maxBuckets + 1000 {
+		l.Allow(strconv.Itoa(i))
+	}
+	if n := len(l.buckets); n > maxBuckets {
+		t.Fatalf("%d buckets, bound %d", n, maxBuckets)
+	}
 }
