@@ -57,8 +57,51 @@ type testServer struct {
 	dbPath string
 	clock  *testClock
 	client *http.Client // nil: http.DefaultClient
+	logs   syncBuffer   // what the server logged
 	cancel context.CancelFunc
 	done   chan error
+}
+
+// syncBuffer is a bytes.Buffer that the server and a test can share.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// waitForLog waits until the server has logged a line containing all of parts.
+func (s *testServer) waitForLog(t testing.TB, parts ...string) {
+	t.Helper()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		for _, line := range strings.Split(s.logs.String(), "\n") {
+			if containsAll(line, parts) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no log line with %q in:\n%s", parts, s.logs.String())
+		}
+	}
+}
+
+func containsAll(s string, parts []string) bool {
+	for _, p := range parts {
+		if !strings.Contains(s, p) {
+			return false
+		}
+	}
+	return true
 }
 
 // testClock is the server's clock in tests, moved by hand, so that expiry
@@ -105,9 +148,9 @@ func startServerAt(t testing.TB, clock *testClock, args ...string) *testServer {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &testServer{t: t, addr: ln.Addr().String(), dbPath: cfg.DB, clock: clock, cancel: cancel, done: make(chan error, 1)}
 	s.url = "http://" + s.addr
-	logOut := io.Discard
+	var logOut io.Writer = &s.logs
 	if os.Getenv("GOCHAT_TEST_LOG") != "" {
-		logOut = os.Stderr
+		logOut = io.MultiWriter(&s.logs, os.Stderr)
 	}
 	go func() { s.done <- serve(ctx, cfg, ln, slog.New(slog.NewTextHandler(logOut, nil))) }()
 	t.Cleanup(func() { s.stop() })
@@ -748,4 +791,20 @@ func TestDirectTLS(t *testing.T) {
 	if ws, r := s.dialWS(t, cookie, dialOpts{tls: clientTLS, headers: []string{"Origin", "http://" + s.addr}}); ws != nil || r.status != 403 {
 		t.Fatalf("http origin against an https server: %d", r.status)
 	}
+}
+
+// net/http's own errors (a failed TLS handshake here; "too many open files"
+// on accept in production) reach the log at warning level.
+func TestServerErrorsAreLoggedAsWarnings(t *testing.T) {
+	t.Parallel()
+	certFile, keyFile, _ := selfSignedCert(t)
+	s := startServer(t, "-tls-cert", certFile, "-tls-key", keyFile)
+	c, err := net.Dial("tcp", s.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Write([]byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")) // plain HTTP to a TLS port
+	io.Copy(io.Discard, c)
+	c.Close()
+	s.waitForLog(t, "level=WARN", "TLS handshake error")
 }
