@@ -253,15 +253,12 @@ func (c *socketConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
-// finish ends our side after the close frame and gives the peer closeGrace
-// to answer before the connection is cut.
+// finish follows the close frame: nothing more is written, and the peer
+// has closeGrace to answer before the connection is cut.
 func (c *socketConn) finish() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.closed = true
-	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
-		cw.CloseWrite()
-	}
 	time.AfterFunc(closeGrace, func() { c.Conn.Close() })
 }
 
@@ -277,11 +274,6 @@ func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	nc, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
 	if err != nil {
 		return nil, nil, err
-	}
-	if tcp, ok := nc.(*net.TCPConn); ok {
-		// A small kernel buffer makes a peer that stopped reading show up
-		// as a stalled write after a few hundred KiB, not many MiB.
-		tcp.SetWriteBuffer(64 << 10)
 	}
 	h.conn = &socketConn{Conn: nc, silence: h.silence}
 	// Bytes the HTTP server had already read belong to the socket.

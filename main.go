@@ -140,7 +140,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	}
 	// Above -max-conns sockets, some room for API requests; beyond that new
 	// connections wait in the kernel's queue instead of using up descriptors.
-	ln = netutil.LimitListener(ln, cfg.MaxConns+1024)
+	ln = netutil.LimitListener(smallSendBuffers{ln}, cfg.MaxConns+1024)
 	if cfg.TLSCert != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
 		if err != nil {
@@ -224,6 +224,19 @@ func deleteOldMessages(ctx context.Context, cfg config, store *Store, hub *Hub, 
 	if err != nil && ctx.Err() == nil {
 		log.Error("retention", "err", err)
 	}
+}
+
+// smallSendBuffers caps the kernel's send buffer of each connection, so that
+// a WebSocket peer that stopped reading shows up as a stalled write after a
+// few hundred KiB, not many MiB.
+type smallSendBuffers struct{ net.Listener }
+
+func (l smallSendBuffers) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if tcp, ok := c.(*net.TCPConn); ok {
+		tcp.SetWriteBuffer(64 << 10)
+	}
+	return c, err
 }
 
 // every calls f every interval until ctx is done.
