@@ -361,3 +361,36 @@ func FuzzStringField(f *testing.F) {
 		}
 	})
 }
+
+// Each login is a session in memory and a row; one account's logins end its
+// least recently used sessions beyond 20, but never one with an open socket.
+func TestSessionsPerUserAreCapped(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	key := s.register(t, "Hoarder")
+	first := s.login(t, key)
+	ws := s.connect(t, first) // keeps its session however many come after
+	var cookies []*http.Cookie
+	for range 25 {
+		s.clock.Advance(time.Second)
+		cookies = append(cookies, s.login(t, key))
+	}
+	s.request(t, "GET", "/api/user/@me", "", first).expect(t, 200)
+	for i, c := range cookies {
+		want := 200
+		if i < 6 { // 1 pinned + the newest 19 make 20
+			want = 401
+		}
+		s.request(t, "GET", "/api/user/@me", "", c).expect(t, want)
+	}
+	ws.close()
+	db, err := sql.Open("sqlite", s.dbPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var rows int
+	if err := db.QueryRow(`SELECT COUNT(*) FROM sessions WHERE username = 'Hoarder'`).Scan(&rows); err != nil || rows != 20 {
+		t.Fatalf("%d session rows (%v), want 20", rows, err)
+	}
+}

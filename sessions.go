@@ -7,6 +7,7 @@ import (
 	"database/sql"
 	"fmt"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 )
@@ -66,8 +67,42 @@ func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 	}
 	s.mu.Lock()
 	s.m[key] = &session{user: user, lastUsed: now}
+	ended := s.trim(user)
 	s.mu.Unlock()
+	for _, key := range ended {
+		if err := s.store.DeleteSession(ctx, key); err != nil {
+			return "", fmt.Errorf("end old session: %w", err)
+		}
+	}
 	return id, nil
+}
+
+// maxSessionsPerUser bounds what one account's logins can cost: a login
+// beyond it ends the user's least recently used session.
+const maxSessionsPerUser = 20
+
+// trim ends user's least recently used sessions beyond maxSessionsPerUser,
+// never one with an open socket, and returns their keys. Logins are rate
+// limited, so a scan of the map for each is cheap enough.
+func (s *Sessions) trim(user string) []sessionKey {
+	var idle []sessionKey
+	n := 0
+	for key, sess := range s.m {
+		if sess.user == user {
+			if n++; sess.sockets == 0 {
+				idle = append(idle, key)
+			}
+		}
+	}
+	excess := min(n-maxSessionsPerUser, len(idle))
+	if excess <= 0 {
+		return nil
+	}
+	slices.SortFunc(idle, func(a, b sessionKey) int { return s.m[a].lastUsed.Compare(s.m[b].lastUsed) })
+	for _, key := range idle[:excess] {
+		delete(s.m, key)
+	}
+	return idle[:excess]
 }
 
 // Lookup returns the user of a live session and refreshes its lifetime.
