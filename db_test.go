@@ -343,3 +343,31 @@ func TestStorageErrorIsAcked(t *testing.T) {
 		t.Fatalf("watcher got %v: the failed message was broadcast", f)
 	}
 }
+
+// -history-max bounds what is kept however fast messages come: the oldest
+// go first, and a replay from before them says so.
+func TestHistoryMaxKeepsTheNewest(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-history-max", "3")
+	cookie := s.user(t, "Prolific")
+	ws := s.connect(t, cookie)
+	var ids []int64
+	for i := range 5 {
+		ids = append(ids, sendAndAck(t, ws, fmt.Sprint("m", i)))
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		r := s.request(t, "GET", "/api/messages", "", cookie).expect(t, 200)
+		msgs := r.body["messages"].([]any)
+		if len(msgs) == 3 && idOf(msgs[0].(map[string]any)) == ids[2] {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not cut to the newest 3: %s", r.raw)
+		}
+	}
+	r := s.connect(t, s.user(t, "Later"), dialOpts{query: "?since=0"})
+	if f := r.next(); f["event"] != "gap" {
+		t.Fatalf("replay over deleted messages starts with %v, want gap", f)
+	}
+	collectIDs(t, r, ids[2], ids[4])
+}

@@ -33,16 +33,16 @@ func main() {
 
 // config is everything the command line sets.
 type config struct {
-	Addr, DB, TLSCert, TLSKey     string
-	SessionTTL, PingInterval      time.Duration
-	AllowedOrigins                map[string]bool
-	TrustedProxies                []netip.Prefix
-	MsgRate, AuthRate             float64
-	MsgBurst, AuthBurst, MaxConns int
-	History, ReplayMax            int
-	HistoryKeep                   time.Duration
-	now                           func() time.Time // tests set the clock,
-	cleanupEvery                  time.Duration    // and how often cleanup runs
+	Addr, DB, TLSCert, TLSKey      string
+	SessionTTL, PingInterval       time.Duration
+	AllowedOrigins                 map[string]bool
+	TrustedProxies                 []netip.Prefix
+	MsgRate, AuthRate              float64
+	MsgBurst, AuthBurst, MaxConns  int
+	History, ReplayMax, HistoryMax int
+	HistoryKeep                    time.Duration
+	now                            func() time.Time // tests set the clock,
+	cleanupEvery                   time.Duration    // and how often cleanup runs
 }
 
 // parseConfig reads the flags. Usage goes to out.
@@ -78,6 +78,7 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 	fs.IntVar(&cfg.History, "history", 50, "stored messages sent on connect (0: none)")
 	fs.IntVar(&cfg.ReplayMax, "replay-max", 1000, "most messages replayed on reconnect with ?since=")
 	fs.DurationVar(&cfg.HistoryKeep, "history-keep", 720*time.Hour, "how long messages are kept")
+	fs.IntVar(&cfg.HistoryMax, "history-max", 1000000, "most messages kept; the oldest go first")
 	if err := fs.Parse(args); err != nil {
 		return cfg, err
 	}
@@ -88,8 +89,8 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 		return cfg, errors.New("-session-ttl, -ping-interval and -history-keep must be positive")
 	case (cfg.TLSCert == "") != (cfg.TLSKey == ""):
 		return cfg, errors.New("-tls-cert and -tls-key go together")
-	case cfg.MsgRate < 0 || cfg.AuthRate < 0 || cfg.History < 0 || cfg.ReplayMax < 0 || cfg.MaxConns < 1:
-		return cfg, errors.New("rates, -history and -replay-max must not be negative, -max-conns at least 1")
+	case cfg.MsgRate < 0 || cfg.AuthRate < 0 || cfg.History < 0 || cfg.ReplayMax < 0 || cfg.MaxConns < 1 || cfg.HistoryMax < 1:
+		return cfg, errors.New("rates, -history and -replay-max must not be negative, -max-conns and -history-max at least 1")
 	}
 	return cfg, nil
 }
@@ -211,17 +212,22 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	return nil
 }
 
-// deleteOldMessages deletes messages older than -history-keep. The hub
-// forgets them first, so that it never replays what the database lost.
+// deleteOldMessages deletes messages older than -history-keep and beyond
+// the newest -history-max. The hub forgets them first, so that it never
+// replays what the database lost.
 func deleteOldMessages(ctx context.Context, cfg config, store *Store, hub *Hub, log *slog.Logger) {
-	id, err := store.LastMessageBefore(ctx, cfg.now().Add(-cfg.HistoryKeep))
-	if id > 0 {
+	old, err := store.LastMessageBefore(ctx, cfg.now().Add(-cfg.HistoryKeep))
+	last, err2 := store.LastMessageID(ctx)
+	// Ids ascend without holes but those retention made, so the newest
+	// -history-max messages are the ids above last - HistoryMax.
+	if id := max(old, last-int64(cfg.HistoryMax)); id > 0 && err == nil && err2 == nil {
 		hub.Forget(id)
 		var n int64
-		n, err = store.DeleteMessagesThrough(ctx, id)
-		log.Info("retention deleted old messages", "count", n)
+		if n, err = store.DeleteMessagesThrough(ctx, id); n > 0 {
+			log.Info("retention deleted old messages", "count", n)
+		}
 	}
-	if err != nil && ctx.Err() == nil {
+	if err = errors.Join(err, err2); err != nil && ctx.Err() == nil {
 		log.Error("retention", "err", err)
 	}
 }
