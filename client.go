@@ -144,6 +144,8 @@ func (c *client) readPump(ws *websocket.Conn, handle func(*client, inFrame)) int
 			return closePolicyViolation // silent for two ping intervals
 		case err != nil:
 			return closeNormal // the peer's close frame, or the connection ended
+		case closeCodeFor(f) != 0:
+			return closeCodeFor(f)
 		}
 		c.mu.Lock()
 		closing := c.code != 0

@@ -681,3 +681,32 @@ func TestPingFloodingNonReaderDelaysNoOne(t *testing.T) {
 	t.Logf("delivery while the flooder stalls: p50 %v, p90 %v", delays[10], delays[18])
 	reader.nextWhere(isEvent("leave", "Flooder"))
 }
+
+// What the server can see of a broken WebSocket stream closes the socket
+// with the code RFC 6455 gives it; the user can come straight back.
+func TestProtocolErrorsCloseTheSocket(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	cookie := s.user(t, "Sloppy")
+	watcher := s.connect(t, s.user(t, "Watcher"))
+	for _, c := range []struct {
+		name    string
+		opcode  byte
+		payload []byte
+		code    int
+	}{
+		{"invalid UTF-8 in a text frame", opText, []byte("{\"message\":\"\xff\xfe\"}"), closeInvalidData},
+		{"reserved data opcode", 0x3, []byte(`{"message":"x"}`), closeProtocolError},
+		{"reserved control opcode", 0xB, nil, closeProtocolError},
+		{"continuation of nothing", 0x0, []byte(`{"message":"x"}`), closeProtocolError},
+	} {
+		ws := s.connect(t, cookie)
+		watcher.nextWhere(isEvent("join", "Sloppy"))
+		ws.writeFrame(c.opcode, c.payload)
+		if code := ws.expectClose(5 * time.Second); code != c.code {
+			t.Fatalf("%s: close code %d, want %d", c.name, code, c.code)
+		}
+		watcher.nextWhere(isEvent("leave", "Sloppy"))
+	}
+	sendAndAck(t, s.connect(t, cookie), "still welcome")
+}

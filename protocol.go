@@ -24,6 +24,8 @@ const (
 	opPing               = 0x9
 	closeNormal          = 1000
 	closeGoingAway       = 1001
+	closeProtocolError   = 1002
+	closeInvalidData     = 1007
 	closePolicyViolation = 1008
 	closeTooBig          = 1009
 )
@@ -78,14 +80,30 @@ func chatText(f inFrame) (string, []byte) {
 type inFrame struct {
 	data   []byte
 	binary bool
+	opcode byte
 }
 
-// inCodec receives frames of either type, telling which it was.
+// inCodec receives frames of any type, telling which it was.
 var inCodec = websocket.Codec{
-	Unmarshal: func(data []byte, payloadType byte, v any) error {
-		*v.(*inFrame) = inFrame{data, payloadType != websocket.TextFrame}
+	Unmarshal: func(data []byte, opcode byte, v any) error {
+		*v.(*inFrame) = inFrame{data, opcode != websocket.TextFrame, opcode}
 		return nil
 	},
+}
+
+// closeCodeFor says whether frame breaks the WebSocket protocol itself, as
+// far as the library lets us see: a reserved opcode, a continuation with
+// nothing to continue (the library passes others off as their first
+// fragment's type), or a text frame that is not UTF-8. It returns the close
+// code, or 0.
+func closeCodeFor(f inFrame) int {
+	switch {
+	case f.opcode != websocket.TextFrame && f.opcode != websocket.BinaryFrame:
+		return closeProtocolError
+	case f.opcode == websocket.TextFrame && !utf8.Valid(f.data):
+		return closeInvalidData
+	}
+	return 0
 }
 
 // Frames the server sends are framed here rather than by the library, which
