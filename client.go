@@ -158,10 +158,12 @@ func (c *client) readPump(ws *websocket.Conn, handle func(*client, inFrame)) int
 
 // handleWebSocket checks, as plain HTTP with JSON errors, everything that
 // can refuse /ws, then registers the client and serves its socket.
-func handleWebSocket(sessions *Sessions, chat *chat, origins map[string]bool, ping time.Duration) http.Handler {
+func handleWebSocket(sessions *Sessions, chat *chat, opens *rateLimiter, origins map[string]bool, ping time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		user, sid, ok := authenticate(w, r, sessions)
-		if !ok {
+		// Every open is a join and a leave for everyone: limit them per user
+		// and per client address.
+		if !ok || !allowed(w, opens, "user "+strings.ToLower(user), "ip "+clientKey(r)) {
 			return
 		}
 		since, badSince := int64(-1), false

@@ -23,7 +23,7 @@ const maxBodyBytes = 4 << 10
 
 // routes returns the server's handler: the API on Go 1.22 method patterns,
 // with the mux's own 404 and 405 answers turned into JSON errors.
-func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, chat *chat, authRate *rateLimiter) http.Handler {
+func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, chat *chat, authRate, openRate *rateLimiter) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("POST /api/register", limitAuth(authRate, handleRegister(store, log)))
 	mux.Handle("POST /api/login", limitAuth(authRate, handleLogin(store, sessions, log)))
@@ -33,7 +33,7 @@ func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub 
 	mux.Handle("GET /api/user/{name}", handleUser(store, sessions, hub, log))
 	mux.Handle("GET /api/messages", handleMessages(store, sessions, log))
 	mux.Handle("GET /healthz", handleHealth(store, log))
-	mux.Handle("GET /ws", handleWebSocket(sessions, chat, cfg.AllowedOrigins, cfg.PingInterval))
+	mux.Handle("GET /ws", handleWebSocket(sessions, chat, openRate, cfg.AllowedOrigins, cfg.PingInterval))
 	mux.Handle("GET /{$}", handleStatic("index.html"))
 	mux.Handle("GET /app.js", handleStatic("app.js"))
 	mux.Handle("GET /style.css", handleStatic("style.css"))

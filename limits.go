@@ -86,14 +86,23 @@ func (l *rateLimiter) Sweep() {
 // registrations and logins.
 func limitAuth(limit *rateLimiter, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ok, wait := limit.Allow(clientKey(r))
-		if !ok {
+		if allowed(w, limit, clientKey(r)) {
+			next.ServeHTTP(w, r)
+		}
+	})
+}
+
+// allowed takes a token from each of keys' buckets, or answers 429 with
+// Retry-After.
+func allowed(w http.ResponseWriter, limit *rateLimiter, keys ...string) bool {
+	for _, key := range keys {
+		if ok, wait := limit.Allow(key); !ok {
 			w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
 			writeError(w, http.StatusTooManyRequests, "too many requests, slow down")
-			return
+			return false
 		}
-		next.ServeHTTP(w, r)
-	})
+	}
+	return true
 }
 
 // clientKey is what the auth limit counts by: the client's IPv4 address, or

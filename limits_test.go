@@ -388,3 +388,27 @@ func TestRateLimiterStaysBounded(t *testing.T) {
 		t.Fatalf("%d buckets, bound %d", n, maxBuckets)
 	}
 }
+
+// Every WebSocket open is a join and a leave for everyone in the room:
+// opens are limited per user and per client address, before the upgrade.
+func TestWebSocketOpensAreLimited(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-open-rate", "1", "-open-burst", "2")
+	flapper := s.user(t, "Flapper")
+	for range 2 {
+		s.connect(t, flapper).close()
+	}
+	ws, r := s.dialWS(t, flapper, dialOpts{})
+	if ws != nil || r.status != 429 || r.header.Get("Retry-After") != "1" {
+		t.Fatalf("third open in a burst of 2: %d, Retry-After %q", r.status, r.header.Get("Retry-After"))
+	}
+	// Another account from the same address shares the address's bucket,
+	// and another address (behind the trusted proxy) has its own.
+	other := s.user(t, "Accomplice")
+	if ws, r := s.dialWS(t, other, dialOpts{}); ws != nil || r.status != 429 {
+		t.Fatalf("other user, same address: %d, want 429", r.status)
+	}
+	s.connect(t, other, dialOpts{headers: []string{"X-Forwarded-For", "203.0.113.50"}}).close()
+	s.clock.Advance(time.Second)
+	s.connect(t, flapper).close()
+}

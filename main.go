@@ -37,8 +37,9 @@ type config struct {
 	SessionTTL, PingInterval       time.Duration
 	AllowedOrigins                 map[string]bool
 	TrustedProxies                 []netip.Prefix
-	MsgRate, AuthRate              float64
-	MsgBurst, AuthBurst, MaxConns  int
+	MsgRate, AuthRate, OpenRate    float64
+	MsgBurst, AuthBurst, OpenBurst int
+	MaxConns                       int
 	History, ReplayMax, HistoryMax int
 	HistoryKeep                    time.Duration
 	now                            func() time.Time // tests set the clock,
@@ -70,6 +71,8 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 	fs.IntVar(&cfg.MsgBurst, "msg-burst", 10, "chat messages a user may send at once")
 	fs.Float64Var(&cfg.AuthRate, "auth-rate", 1, "registrations and logins per second per client IP, refill rate (0: no limit)")
 	fs.IntVar(&cfg.AuthBurst, "auth-burst", 10, "registrations and logins a client IP may make at once")
+	fs.Float64Var(&cfg.OpenRate, "open-rate", 1, "WebSocket opens per second per user and per client IP, refill rate (0: no limit)")
+	fs.IntVar(&cfg.OpenBurst, "open-burst", 10, "WebSocket opens a user or client IP may make at once")
 	fs.Func("trusted-proxies", "comma-separated proxy addresses or CIDRs whose X-Forwarded-For is believed (default 127.0.0.0/8,::1/128)", func(list string) (err error) {
 		cfg.TrustedProxies, err = parsePrefixes(list)
 		return err
@@ -89,7 +92,7 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 		return cfg, errors.New("-session-ttl, -ping-interval and -history-keep must be positive")
 	case (cfg.TLSCert == "") != (cfg.TLSKey == ""):
 		return cfg, errors.New("-tls-cert and -tls-key go together")
-	case cfg.MsgRate < 0 || cfg.AuthRate < 0 || cfg.History < 0 || cfg.ReplayMax < 0 || cfg.MaxConns < 1 || cfg.HistoryMax < 1:
+	case cfg.MsgRate < 0 || cfg.AuthRate < 0 || cfg.OpenRate < 0 || cfg.History < 0 || cfg.ReplayMax < 0 || cfg.MaxConns < 1 || cfg.HistoryMax < 1:
 		return cfg, errors.New("rates, -history and -replay-max must not be negative, -max-conns and -history-max at least 1")
 	}
 	return cfg, nil
@@ -169,8 +172,9 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	}
 	authRate := newRateLimiter(cfg.AuthRate, cfg.AuthBurst, cfg.now)
 	msgRate := newRateLimiter(cfg.MsgRate, cfg.MsgBurst, cfg.now)
+	openRate := newRateLimiter(cfg.OpenRate, cfg.OpenBurst, cfg.now)
 	chat := &chat{hub: hub, store: store, sessions: sessions, limit: msgRate, now: cfg.now, log: log}
-	srv.Handler = routes(cfg, log, store, sessions, hub, chat, authRate)
+	srv.Handler = routes(cfg, log, store, sessions, hub, chat, authRate, openRate)
 
 	bg, stopBackground := context.WithCancel(context.Background())
 	defer stopBackground()
@@ -180,6 +184,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		}
 		authRate.Sweep()
 		msgRate.Sweep()
+		openRate.Sweep()
 	})
 	go every(bg, min(cfg.HistoryKeep/10, cfg.cleanupEvery), func() { deleteOldMessages(bg, cfg, store, hub, log) })
 

@@ -72,7 +72,7 @@ func startServer(t *testing.T) *server {
 func (s *server) url() string { return "http://" + s.addr + "/" }
 
 func (s *server) start() {
-	s.cmd = exec.Command(serverBinary, "-addr", s.addr, "-db", s.db, "-msg-rate", "0", "-auth-rate", "0")
+	s.cmd = exec.Command(serverBinary, "-addr", s.addr, "-db", s.db, "-msg-rate", "0", "-auth-rate", "0", "-open-rate", "0")
 	s.cmd.Stdout, s.cmd.Stderr = os.Stderr, os.Stderr
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatal(err)
@@ -322,4 +322,31 @@ func takeScreenshot(t *testing.T, b *browser) {
 	if err := os.WriteFile(filepath.Join("..", "docs", "screenshot.png"), png, 0o644); err != nil {
 		t.Logf("screenshot not saved: %v", err)
 	}
+}
+
+// A user connecting and leaving in a loop is one line on the others' pages,
+// not one line per event.
+func TestJoinLeaveBurstIsOneLine(t *testing.T) {
+	s := startServer(t)
+	alice := newBrowser(t, "alice")
+	alice.register(s.url(), "alice")
+	flapper := newBrowser(t, "flapper")
+	flapper.do("open", chromedp.Navigate(s.url()), chromedp.WaitVisible(css("#auth")))
+	flapper.exec(`(async () => {
+		const post = (path, body) => fetch(path, {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)}).then(r => r.json());
+		const {key} = await post("api/register", {username: "flapper"});
+		await post("api/login", {key});
+		for (let i = 0; i < 40; i++) {
+			const ws = new WebSocket(location.href.replace(/^http/, "ws") + "ws");
+			await new Promise(r => ws.onopen = r);
+			ws.close();
+			await new Promise(r => ws.onclose = r);
+		}
+		window.flapped = true;
+	})()`)
+	flapper.waitFor("40 opens and closes", `window.flapped === true`)
+	alice.waitFor("one line for the burst", `(() => {
+		const events = [...document.querySelectorAll("#messages li.event")];
+		return events.length === 1 && events[0].textContent === "flapper left";
+	})()`)
 }

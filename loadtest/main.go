@@ -5,7 +5,7 @@
 //
 // Start the server with its rate limits off, then point this at it:
 //
-//	go run . -addr 127.0.0.1:7777 -db /tmp/load.db -msg-rate 0 -auth-rate 0 &
+//	go run . -addr 127.0.0.1:7777 -db /tmp/load.db -msg-rate 0 -auth-rate 0 -open-rate 0 &
 //	go run ./loadtest -addr 127.0.0.1:7777 -pid $!
 package main
 

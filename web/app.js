@@ -211,11 +211,11 @@
       case "join":
         state.online.add(f.username);
         renderOnline();
-        return addNotice(`${f.username} joined`, "event");
+        return addPresence(f.username, "joined");
       case "leave":
         state.online.delete(f.username);
         renderOnline();
-        return addNotice(`${f.username} left`, "event");
+        return addPresence(f.username, "left");
       case "gap":
         return addNotice("Some messages were missed while you were away; scroll up for older ones.", "notice");
     }
@@ -287,6 +287,31 @@
     time.textContent = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
     li.append(author, text, time);
     return li;
+  }
+
+  // A run of joins and leaves with no message between them is one line
+  // ("ann, bo and 12 others joined; cy left"), so that a crowd arriving, or
+  // someone reconnecting in a loop, cannot flood the page.
+  function addPresence(name, what) {
+    let li = $("messages").lastElementChild;
+    if (!li || !li.presence) {
+      li = document.createElement("li");
+      li.className = "event";
+      li.presence = new Map();
+      appendItem(li);
+    }
+    li.presence.delete(name); // the newest state of each name, in order
+    li.presence.set(name, what);
+    const groups = { joined: [], left: [] };
+    for (const [who, did] of li.presence) groups[did].push(who);
+    li.textContent = ["joined", "left"]
+      .filter((did) => groups[did].length > 0)
+      .map((did) => {
+        const names = groups[did];
+        const more = names.length > 3 ? ` and ${names.length - 3} others` : "";
+        return `${names.slice(0, 3).join(", ")}${more} ${did}`;
+      })
+      .join("; ");
   }
 
   function addNotice(text, kind) {
