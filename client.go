@@ -22,6 +22,7 @@ const (
 	maxQueueBytes = 4 << 20
 	writeTimeout  = 5 * time.Second // a write blocked this long means a stalled client
 	closeGrace    = 2 * time.Second // how long a closed socket waits for the peer's answer
+	probeTimeout  = 5 * time.Second // how long a probed peer has to answer a ping
 )
 
 // client is one user's WebSocket: a queue the hub fills and the write pump
@@ -35,6 +36,7 @@ type client struct {
 	queue  [][]byte      // frames waiting for the write pump; shared, never changed
 	queued int           // bytes in queue
 	code   int           // once non-zero, the hub let go: send this close code last
+	probe  bool          // someone else wants this user's slot: is the peer still there?
 	wake   chan struct{} // tells the write pump there is something to do
 }
 
@@ -78,13 +80,25 @@ func (c *client) signal() {
 	}
 }
 
-// take empties the queue, returning its frames and the close code.
-func (c *client) take() ([][]byte, int) {
+// startProbe makes the write pump ping now and give the peer probeTimeout
+// to answer. A phone that lost its network holds its user's one slot until
+// its silence is noticed; when the user comes back on another connection,
+// that should take seconds, not two ping intervals.
+func (c *client) startProbe() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	frames := c.queue
-	c.queue, c.queued = nil, 0
-	return frames, c.code
+	c.probe = true
+	c.signal()
+}
+
+// take empties the queue, returning its frames, the close code and whether
+// to probe.
+func (c *client) take() ([][]byte, int, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	frames, probe := c.queue, c.probe
+	c.queue, c.queued, c.probe = nil, 0, false
+	return frames, c.code, probe
 }
 
 // writePump writes everything queued in one write, pings every interval,
@@ -100,7 +114,11 @@ func (c *client) writePump(conn *socketConn, hub *Hub, ping time.Duration) {
 		case <-ticker.C:
 			buf = append(buf, pingFrame...)
 		}
-		frames, code := c.take()
+		frames, code, probe := c.take()
+		if probe {
+			buf = append(buf, pingFrame...)
+			conn.SetReadDeadline(time.Now().Add(probeTimeout)) // the pong moves it back
+		}
 		for _, f := range frames {
 			buf = append(buf, f...)
 		}

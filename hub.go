@@ -113,7 +113,8 @@ func (h *Hub) run() {
 // full, and queues its replay. Others hear of the join after it, in order.
 func (h *Hub) add(c *client, since int64) error {
 	key := strings.ToLower(c.user)
-	if h.clients[key] != nil {
+	if old := h.clients[key]; old != nil {
+		old.startProbe()
 		return errTaken
 	}
 	if len(h.clients) >= h.maxConns {

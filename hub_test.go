@@ -710,3 +710,21 @@ func TestProtocolErrorsCloseTheSocket(t *testing.T) {
 	}
 	sendAndAck(t, s.connect(t, cookie), "still welcome")
 }
+
+// A phone that loses its network holds the user's one socket without a
+// word. When the user comes back on another connection, the 409 probes the
+// old socket, and a peer that does not answer is gone within seconds, not
+// two ping intervals (a minute here).
+func TestConflictProbesAVanishedSocket(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	cookie := s.user(t, "Commuter")
+	watcher := s.connect(t, s.user(t, "Watcher"))
+	s.connect(t, cookie) // then never reads or answers again
+	watcher.nextWhere(isEvent("join", "Commuter"))
+	if ws, r := s.dialWS(t, cookie, dialOpts{}); ws != nil || r.status != 409 {
+		t.Fatalf("second socket: %d, want 409", r.status)
+	}
+	watcher.nextWhere(isEvent("leave", "Commuter"))
+	sendAndAck(t, s.connect(t, cookie), "back")
+}
