@@ -38,6 +38,8 @@ CREATE TABLE IF NOT EXISTS messages (
 	created_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_created_at ON messages(created_at);
+CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, checked_at INTEGER NOT NULL);
+INSERT OR IGNORE INTO health VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS sessions (
 	key       BLOB PRIMARY KEY,
 	username  TEXT NOT NULL,
@@ -59,6 +61,8 @@ type Message struct {
 // one transaction, so a busy room pays one disk flush for many messages.
 type Store struct {
 	db       *sql.DB
+	path     string
+	file     os.FileInfo // the file opened, to notice it being replaced
 	messages chan pendingMessage
 	stop     chan struct{}
 }
@@ -76,7 +80,11 @@ func OpenStore(path string) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open db %s: %w", path, err)
 	}
+	info, err := f.Stat()
 	f.Close()
+	if err != nil {
+		return nil, fmt.Errorf("open db %s: %w", path, err)
+	}
 	db, err := sql.Open("sqlite", "file:"+(&url.URL{Path: path}).EscapedPath()+
 		"?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)")
 	if err != nil {
@@ -89,7 +97,7 @@ func OpenStore(path string) (*Store, error) {
 	// One connection: SQLite takes one writer at a time anyway, and
 	// database/sql's queue is fairer and quicker than SQLite's busy wait.
 	db.SetMaxOpenConns(1)
-	s := &Store{db: db, messages: make(chan pendingMessage, 512), stop: make(chan struct{})}
+	s := &Store{db: db, path: path, file: info, messages: make(chan pendingMessage, 512), stop: make(chan struct{})}
 	go s.storeMessages()
 	return s, nil
 }
@@ -149,9 +157,14 @@ func (s *Store) queryName(ctx context.Context, query string, arg any) (string, e
 	return name, nil
 }
 
-// Ping reports whether the database answers a query.
-func (s *Store) Ping(ctx context.Context) error {
-	_, err := s.LastMessageID(ctx)
+// Check reports whether the database can take a write, to the file that
+// was opened: one deleted or replaced underneath would take writes that
+// vanish with the next restart.
+func (s *Store) Check(ctx context.Context) error {
+	if info, err := os.Stat(s.path); err != nil || !os.SameFile(info, s.file) {
+		return fmt.Errorf("database file %s was deleted or replaced", s.path)
+	}
+	_, err := s.db.ExecContext(ctx, `UPDATE health SET checked_at = ? WHERE id = 1`, time.Now().UnixNano())
 	return err
 }
 

@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 )
 
@@ -289,15 +290,21 @@ func parseUint(s string) (int64, bool) {
 	return n, err == nil && strings.Trim(s, "0123456789") == ""
 }
 
+// handleHealth answers 503 while the database cannot take a write, and
+// logs the first failure of each outage at error level.
 func handleHealth(store *Store, log *slog.Logger) http.Handler {
+	var failing atomic.Bool
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
-		if err := store.Ping(ctx); err != nil {
-			log.Error("health check failed", "err", err)
+		if err := store.Check(ctx); err != nil {
+			if !failing.Swap(true) {
+				log.Error("health check failed", "err", err)
+			}
 			writeError(w, http.StatusServiceUnavailable, "database unavailable")
 			return
 		}
+		failing.Store(false)
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -272,6 +273,40 @@ func TestHealthzIs503WhenTheDatabaseIsGone(t *testing.T) {
 	handleHealth(store, slog.New(slog.NewTextHandler(io.Discard, nil))).ServeHTTP(rec, httptest.NewRequest("GET", "/healthz", nil))
 	if rec.Code != 503 || !strings.Contains(rec.Body.String(), `"error"`) {
 		t.Fatalf("healthz on a closed database: %d %s", rec.Code, rec.Body.String())
+	}
+}
+
+// /healthz must not answer 200 while every write fails (a full disk), or
+// while the server writes to a database file that is no longer there.
+func TestHealthzFailsWhenTheDatabaseCannotTakeWrites(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	s.request(t, "GET", "/healthz", "", nil).expect(t, 200)
+	db, err := sql.Open("sqlite", s.dbPath+"?_pragma=busy_timeout(5000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	if _, err := db.Exec(`CREATE TRIGGER full BEFORE UPDATE ON health BEGIN SELECT RAISE(FAIL, 'database or disk is full'); END`); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		s.request(t, "GET", "/healthz", "", nil).expect(t, 503)
+	}
+	if _, err := db.Exec(`DROP TRIGGER full`); err != nil {
+		t.Fatal(err)
+	}
+	s.request(t, "GET", "/healthz", "", nil).expect(t, 200)
+
+	if err := os.Remove(s.dbPath); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		s.request(t, "GET", "/healthz", "", nil).expect(t, 503)
+	}
+	// Logged at error level once per outage, not once per check.
+	if n := strings.Count(s.logs.String(), "level=ERROR msg=\"health check failed\""); n != 2 {
+		t.Fatalf("%d error lines for two outages:\n%s", n, s.logs.String())
 	}
 }
 
