@@ -1,9 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"database/sql"
 	"fmt"
+	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -370,4 +373,48 @@ func TestHistoryMaxKeepsTheNewest(t *testing.T) {
 		t.Fatalf("replay over deleted messages starts with %v, want gap", f)
 	}
 	collectIDs(t, r, ids[2], ids[4])
+}
+
+// Start-up reads what it needs, not the whole file (a full check of a large
+// database after a reboot took longer than a start may); damage elsewhere
+// is reported when it is read.
+func TestStartsDespiteDamageItDoesNotRead(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "chat.db")
+	store, err := OpenStore(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	store.Close()
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tx, _ := db.Begin()
+	for i := range 2000 {
+		tx.Exec(`INSERT INTO messages(author, body, created_at) VALUES('old', ?, ?)`, strings.Repeat("x", 300), i)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	var page, pageSize int64
+	// The leaf holding the oldest messages, which start-up does not read.
+	if err := db.QueryRow(`SELECT pageno FROM dbstat WHERE name = 'messages' AND pagetype = 'leaf' ORDER BY path LIMIT 1`).Scan(&page); err != nil {
+		t.Fatal(err)
+	}
+	db.QueryRow(`PRAGMA page_size`).Scan(&pageSize)
+	db.Exec(`PRAGMA wal_checkpoint(TRUNCATE)`)
+	db.Close()
+	f, err := os.OpenFile(path, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt(bytes.Repeat([]byte{0xEE}, int(pageSize)), (page-1)*pageSize)
+	f.Close()
+
+	s := startServer(t, "-db", path, "-history-keep", "1000000h")
+	cookie := s.user(t, "Archivist")
+	s.request(t, "GET", "/api/messages", "", cookie).expect(t, 200)
+	s.request(t, "GET", "/api/messages?before=3", "", cookie).expect(t, 500)
+	s.waitForLog(t, "level=ERROR", "malformed")
 }
