@@ -158,13 +158,6 @@ func (s *Sessions) Save(ctx context.Context) error {
 	return s.store.SaveSessionUses(used, now.Add(-s.ttl))
 }
 
-// Len returns the number of sessions held, expired or not.
-func (s *Sessions) Len() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.m)
-}
-
 // The sessions table: a row per session, with only the hash of its id.
 
 // SaveSession stores a new session.

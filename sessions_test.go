@@ -44,7 +44,7 @@ func TestSessionsExpireAndSave(t *testing.T) {
 	if err := s.Save(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if n := s.Len(); n != 0 {
+	if n := len(s.m); n != 0 {
 		t.Fatalf("%d sessions left after Save, want 0", n)
 	}
 	var rows int
