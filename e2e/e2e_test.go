@@ -106,13 +106,18 @@ type browser struct {
 	dialogs atomic.Int32 // alert(), confirm()...: must stay 0
 }
 
-func newBrowser(t *testing.T, name string) *browser {
+func newBrowser(t *testing.T, name string) *browser { return newBrowserSized(t, name, 1000, 700) }
+
+// newPhone is a browser the size of a phone's screen.
+func newPhone(t *testing.T, name string) *browser { return newBrowserSized(t, name, 375, 667) }
+
+func newBrowserSized(t *testing.T, name string, width, height int) *browser {
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(chromium),
 		chromedp.NoSandbox,
 		chromedp.DisableGPU,
 		chromedp.UserDataDir(t.TempDir()),
-		chromedp.WindowSize(1000, 700),
+		chromedp.WindowSize(width, height),
 		chromedp.Flag("disable-quic", true),
 		chromedp.Flag("disable-component-update", true),
 	)
@@ -243,7 +248,7 @@ func TestChatInTwoBrowsers(t *testing.T) {
 		t.Fatalf("markup ran: %d img elements, %d+%d dialogs", imgs, alice.dialogs.Load(), bob.dialogs.Load())
 	}
 
-	takeScreenshot(t, alice)
+	takeScreenshot(t, alice, "screenshot.png")
 
 	// A reload keeps the session and shows the history.
 	alice.do("reload", chromedp.Reload(), chromedp.WaitVisible(css("#chat")))
@@ -314,12 +319,12 @@ func TestPageWorksBehindAPathPrefix(t *testing.T) {
 
 // takeScreenshot refreshes the README's picture, only when asked to
 // (GOCHAT_SCREENSHOT=1), so that a test run leaves the tree as it was.
-func takeScreenshot(t *testing.T, b *browser) {
+func takeScreenshot(t *testing.T, b *browser, name string) {
 	if os.Getenv("GOCHAT_SCREENSHOT") != "1" {
 		return
 	}
 	png := get(b, "screenshot", chromedp.CaptureScreenshot())
-	if err := os.WriteFile(filepath.Join("..", "docs", "screenshot.png"), png, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join("..", "docs", name), png, 0o644); err != nil {
 		t.Logf("screenshot not saved: %v", err)
 	}
 }

@@ -7,6 +7,8 @@
 (() => {
   const MAX_CHARS = 300;
   const PAGE = 50;
+  const MAX_ITEMS = 500; // lines kept on the page; older ones can be loaded again
+  const TITLE = document.title;
   const $ = (id) => document.getElementById(id);
 
   const state = {
@@ -22,6 +24,12 @@
     holdUntil: 0,
     loadingOlder: false,
     noOlder: false,
+    opened: false, // the current socket got as far as open
+    hadSocket: false, // some socket of this sign-in got as far as open
+    conflicts: 0, // refusals in a row while the server counted us online
+    countdownTimer: null,
+    retryAt: 0, // when the next reconnect is due, for the countdown
+    unread: 0, // messages that came while the tab was hidden
   };
 
   // --- HTTP ---
@@ -73,8 +81,9 @@
   function enterChat(name) {
     Object.assign(state, {
       me: name, lastId: 0, oldestId: 0, seen: new Set(), pending: [],
-      online: new Set(), backoff: 0, noOlder: false,
+      online: new Set(), backoff: 0, noOlder: false, unread: 0, hadSocket: false, conflicts: 0,
     });
+    $("notify").hidden = !("Notification" in window) || Notification.permission !== "default";
     $("me").textContent = name;
     $("messages").replaceChildren();
     $("send-error").textContent = "";
@@ -153,9 +162,13 @@
     clearTimeout(state.timer);
     const ws = new WebSocket(socketURL());
     state.ws = ws;
+    state.opened = false;
     setStatus(state.backoff ? "Reconnecting…" : "Connecting…");
     ws.onopen = () => {
       state.backoff = 0;
+      state.opened = state.hadSocket = true;
+      state.conflicts = 0;
+      $("banner").hidden = true;
       setStatus("Connected.");
       refreshOnline();
     };
@@ -176,6 +189,7 @@
 
   function closeSocket() {
     clearTimeout(state.timer);
+    $("banner").hidden = true;
     const ws = state.ws;
     state.ws = null;
     if (ws) ws.close();
@@ -197,11 +211,47 @@
       showAuth("Your session has ended. Please log in again.");
       return;
     }
-    const delay = Math.max(Math.min(30000, 1000 * 2 ** state.backoff), state.holdUntil - Date.now());
+    // Refused before it opened while the server counts us online: another
+    // tab or device holds this user's one socket. Retrying silently would
+    // never end; say so and let the user take over once it is closed.
+    let delay = Math.max(Math.min(30000, 1000 * 2 ** state.backoff), state.holdUntil - Date.now());
+    if (!state.opened && res && res.status === 200 && res.body.online) {
+      // Right after a drop it may be this tab's own old socket, which the
+      // server checks within 5 s: try once more after that.
+      if (!state.hadSocket || state.conflicts++ > 0) {
+        setStatus("Open elsewhere.");
+        showBanner("gochat is open in another tab or device.", "Use it here");
+        return;
+      }
+      delay = 6000;
+    }
     state.backoff++;
-    setStatus(`Connection lost. Reconnecting in ${Math.ceil(delay / 1000)} s…`);
+    state.retryAt = Date.now() + delay;
     state.timer = setTimeout(connect, delay);
+    countdown();
   }
+
+  // countdown keeps the banner's "Reconnecting in N s" true each second.
+  function countdown() {
+    if (state.ws || !state.retryAt || state.me === null) return;
+    const secs = Math.max(0, Math.ceil((state.retryAt - Date.now()) / 1000));
+    setStatus(`Connection lost. Reconnecting in ${secs} s…`);
+    showBanner(`Connection lost. Reconnecting in ${secs} s…`, "Retry now");
+    clearTimeout(state.countdownTimer);
+    if (secs > 0) state.countdownTimer = setTimeout(countdown, 250);
+  }
+
+  function showBanner(text, action) {
+    $("banner-text").textContent = text;
+    $("retry").textContent = action;
+    $("banner").hidden = false;
+  }
+
+  $("retry").addEventListener("click", () => {
+    state.retryAt = 0;
+    state.holdUntil = 0;
+    connect();
+  });
 
   // --- frames ---
 
@@ -243,6 +293,11 @@
     markPending(p, "not sent", false);
     p.li.classList.add("failed");
     $("send-error").textContent = ACK_ERRORS[f.code] || `Not sent (${f.code}).`;
+    const input = $("message-input");
+    if (!input.value) { // give the text back, to edit and send again
+      input.value = p.text;
+      updateCounter();
+    }
   }
 
   function markPending(p, text, ok) {
@@ -267,8 +322,30 @@
         return;
       }
     }
-    appendItem(messageItem(m, m.author === state.me));
+    const mine = m.author === state.me;
+    appendItem(messageItem(m, mine), !m.history && !mine);
+    if (m.history || mine) return;
+    $("announcer").textContent = `${m.author}: ${m.message}`;
+    if (document.hidden) {
+      state.unread++;
+      document.title = `(${state.unread}) ${TITLE}`;
+      if (mentionsMe(m.message) && "Notification" in window && Notification.permission === "granted") {
+        new Notification(`${m.author} mentioned you`, { body: m.message, tag: "gochat-mention" });
+      }
+    }
   }
+
+  document.addEventListener("visibilitychange", () => {
+    if (!document.hidden) {
+      state.unread = 0;
+      document.title = TITLE;
+    }
+  });
+
+  $("notify").addEventListener("click", async () => {
+    await Notification.requestPermission();
+    $("notify").hidden = Notification.permission !== "default";
+  });
 
   function messageItem(m, mine) {
     const li = document.createElement("li");
@@ -279,14 +356,50 @@
     author.textContent = m.author;
     const text = document.createElement("span");
     text.className = "text";
-    text.textContent = m.message;
+    text.append(...richText(m.message));
     const time = document.createElement("time");
     time.className = "time";
     const when = m.time ? new Date(m.time) : new Date();
     time.dateTime = when.toISOString();
     time.textContent = when.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    time.title = when.toLocaleString([], { dateStyle: "full", timeStyle: "short" });
+    time.setAttribute("aria-label", time.title);
+    li.dataset.day = when.toDateString();
     li.append(author, text, time);
     return li;
+  }
+
+  // richText turns a message into nodes: text as text, http(s) links as
+  // links, and @name of the signed-in user marked. Nothing else becomes
+  // markup.
+  function richText(message) {
+    const nodes = [];
+    const pattern = /https?:\/\/[^\s<>"]+|@[A-Za-z0-9]{1,32}\b/g;
+    let at = 0;
+    for (const match of message.matchAll(pattern)) {
+      const token = match[0];
+      let node = null;
+      if (token.startsWith("@") && token.slice(1).toLowerCase() === String(state.me).toLowerCase()) {
+        node = document.createElement("mark");
+        node.className = "mention";
+      } else if (!token.startsWith("@")) {
+        node = document.createElement("a");
+        node.href = token;
+        node.rel = "noopener noreferrer";
+        node.target = "_blank";
+      }
+      if (!node) continue;
+      nodes.push(document.createTextNode(message.slice(at, match.index)));
+      node.textContent = token;
+      nodes.push(node);
+      at = match.index + token.length;
+    }
+    nodes.push(document.createTextNode(message.slice(at)));
+    return nodes;
+  }
+
+  function mentionsMe(message) {
+    return new RegExp(`@${state.me}\\b`, "i").test(message);
   }
 
   // A run of joins and leaves with no message between them is one line
@@ -321,12 +434,68 @@
     appendItem(li);
   }
 
-  function appendItem(li) {
+  function atBottom() {
     const list = $("messages");
-    const atBottom = list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+    return list.scrollHeight - list.scrollTop - list.clientHeight < 40;
+  }
+
+  // appendItem adds a line at the end, following it when the reader was at
+  // the end, else offering to jump there when it is news.
+  function appendItem(li, news = false) {
+    const list = $("messages");
+    const follow = atBottom();
     list.append(li);
-    if (atBottom) list.scrollTop = list.scrollHeight;
+    trimOldest();
+    renderDays();
+    if (follow) list.scrollTop = list.scrollHeight;
+    else if (news) $("new-pill").hidden = false;
     updateOlderButton();
+  }
+
+  function scrollToEnd() {
+    $("messages").scrollTop = $("messages").scrollHeight;
+    $("new-pill").hidden = true;
+  }
+
+  $("new-pill").addEventListener("click", scrollToEnd);
+
+  // trimOldest keeps the page to MAX_ITEMS lines; what goes can be loaded
+  // again from the server.
+  function trimOldest() {
+    const list = $("messages");
+    const items = list.querySelectorAll("li:not(.older):not(.day):not(.start)");
+    for (let i = 0; i < items.length - MAX_ITEMS; i++) {
+      if (items[i].dataset.id) state.seen.delete(Number(items[i].dataset.id));
+      items[i].remove();
+    }
+    if (items.length > MAX_ITEMS) {
+      const first = list.querySelector("li[data-id]");
+      if (first) state.oldestId = Number(first.dataset.id);
+      state.noOlder = false;
+      list.querySelector("li.start")?.remove();
+    }
+  }
+
+  // renderDays puts "Today", "Yesterday" or the date before the first
+  // message of each day.
+  function renderDays() {
+    const list = $("messages");
+    list.querySelectorAll("li.day").forEach((li) => li.remove());
+    const today = new Date();
+    const yesterday = new Date(today.getFullYear(), today.getMonth(), today.getDate() - 1);
+    let last = null;
+    for (const li of list.querySelectorAll("li[data-day]")) {
+      const day = li.dataset.day;
+      if (day === last) continue;
+      last = day;
+      const sep = document.createElement("li");
+      sep.className = "day";
+      const date = new Date(day);
+      sep.textContent = day === today.toDateString() ? "Today"
+        : day === yesterday.toDateString() ? "Yesterday"
+        : date.toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" });
+      li.before(sep);
+    }
   }
 
   // --- scroll-back ---
@@ -334,7 +503,14 @@
   function updateOlderButton() {
     const list = $("messages");
     let item = list.querySelector("li.older");
+    if (state.oldestId === 1) state.noOlder = true; // ids start at 1
     const wanted = state.oldestId > 1 && !state.noOlder;
+    if (state.noOlder && !list.querySelector("li.start")) {
+      const start = document.createElement("li");
+      start.className = "start";
+      start.textContent = "This is the start of the conversation.";
+      list.prepend(start);
+    }
     if (!wanted) {
       if (item) item.remove();
       return;
@@ -353,6 +529,11 @@
   async function loadOlder() {
     if (state.loadingOlder || state.noOlder || !state.oldestId) return;
     state.loadingOlder = true;
+    const button = $("messages").querySelector("li.older button");
+    if (button) {
+      button.textContent = "Loading…";
+      button.disabled = true;
+    }
     try {
       const res = await request(`api/messages?before=${state.oldestId}&limit=${PAGE}`);
       if (res.status !== 200) return;
@@ -367,16 +548,30 @@
         state.oldestId = Math.min(state.oldestId, m.id);
         list.insertBefore(messageItem(m, m.author === state.me), anchor);
       }
+      renderDays();
       list.scrollTop += list.scrollHeight - before; // keep what was in view in place
       if (state.oldestId <= 1) state.noOlder = true;
-      updateOlderButton();
     } finally {
       state.loadingOlder = false;
+      if (button) {
+        button.textContent = "Load older messages";
+        button.disabled = false;
+      }
+      updateOlderButton();
     }
   }
 
   $("messages").addEventListener("scroll", () => {
     if ($("messages").scrollTop < 40) loadOlder();
+    if (atBottom()) $("new-pill").hidden = true;
+  });
+
+  $("online-toggle").addEventListener("click", () => {
+    const follow = atBottom();
+    const open = $("online").classList.toggle("open");
+    if (follow) scrollToEnd();
+    $("online-toggle").setAttribute("aria-expanded", String(open));
+    $("online-toggle").textContent = open ? "Hide" : "Show";
   });
 
   // --- online list ---
@@ -426,7 +621,7 @@
     li.append(mark);
     state.pending.push({ li, text });
     appendItem(li);
-    $("messages").scrollTop = $("messages").scrollHeight;
+    scrollToEnd();
     input.value = "";
     updateCounter();
   });
@@ -439,10 +634,12 @@
       state.backoff = 0;
       if (state.ws) state.ws.close();
     },
+    receive: handleFrame, // a frame as if the server sent it
   };
 
   // --- start: a reload keeps the session (the cookie is HttpOnly: ask) ---
 
+  setStatus("Loading…");
   request("api/user/@me")
     .then((res) => (res.status === 200 ? enterChat(res.body.username) : showAuth()))
     .catch(() => showAuth("The server is not answering."));

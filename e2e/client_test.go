@@ -1,0 +1,208 @@
+package e2e
+
+import (
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/chromedp/chromedp"
+)
+
+// sendMany submits n messages "prefix 0" … "prefix n-1" through the form at once.
+func (b *browser) sendMany(prefix string, n int) {
+	b.t.Helper()
+	b.exec(fmt.Sprintf(`(() => {
+		const input = document.getElementById("message-input");
+		const form = document.getElementById("send-form");
+		for (let i = 0; i < %d; i++) { input.value = %q + " " + i; form.requestSubmit(); }
+	})()`, n, prefix))
+}
+
+// On a phone the list scrolls inside itself, the input and the status stay
+// in view, the newest message is shown, and the online list is a toggle.
+func TestPhoneLayout(t *testing.T) {
+	s := startServer(t)
+	writer := newBrowser(t, "writer")
+	writer.register(s.url(), "writer")
+	writer.sendMany("bulk", 60)
+	phone := newPhone(t, "phone")
+	phone.register(s.url(), "phone")
+	phone.waitFor("history", hasMessage("bulk 59"))
+	phone.waitFor("layout", `(() => {
+		const list = document.getElementById("messages");
+		const input = document.getElementById("message-input").getBoundingClientRect();
+		const last = [...list.querySelectorAll("li")].pop().getBoundingClientRect();
+		const box = list.getBoundingClientRect();
+		return list.scrollHeight > list.clientHeight + 100 &&
+			document.scrollingElement.scrollHeight <= innerHeight + 1 &&
+			input.bottom <= innerHeight && input.top >= 0 &&
+			last.bottom <= box.bottom + 1 && last.top >= box.top;
+	})()`)
+	writer.send("fresh news")
+	phone.waitFor("newest in view", hasMessage("fresh news")+` && (() => {
+		const list = document.getElementById("messages");
+		return list.scrollHeight - list.scrollTop - list.clientHeight < 2;
+	})()`)
+	phone.waitFor("online list hidden", `getComputedStyle(document.getElementById("online-list")).display === "none"`)
+	phone.do("show online", chromedp.Click(css("#online-toggle")))
+	phone.waitFor("online list shown", `getComputedStyle(document.getElementById("online-list")).display !== "none" && document.getElementById("online-list").textContent.includes("writer")`)
+	takeScreenshot(t, phone, "screenshot-phone.png")
+}
+
+// Acks pair with sends in order, and a refused message's text comes back
+// to the box to be edited and sent again.
+func TestQuickSendsAreMarkedRightAndRefusedTextIsKept(t *testing.T) {
+	s := startServer(t)
+	alice := newBrowser(t, "alice")
+	alice.register(s.url(), "alice")
+	long := strings.Repeat("x", 301)
+	alice.exec(fmt.Sprintf(`(() => {
+		const input = document.getElementById("message-input");
+		const form = document.getElementById("send-form");
+		input.value = "valid one"; form.requestSubmit();
+		input.value = %q; form.requestSubmit();
+		input.value = "valid two"; form.requestSubmit();
+	})()`, long))
+	alice.waitFor("marks", `(() => {
+		const states = [...document.querySelectorAll("#messages li.mine .state")].map(e => e.textContent);
+		return states.join("|") === "✓ delivered|not sent|✓ delivered";
+	})()`)
+	if v := get(alice, "input", chromedp.Value(css("#message-input"))); v != long {
+		t.Fatalf("input holds %q, want the refused text back", v)
+	}
+}
+
+// Scrolled up, a new message shows a pill that jumps to it; in a hidden tab
+// the title counts what came, and a mention notifies when allowed.
+func TestUnreadPillTitleAndMentionNotification(t *testing.T) {
+	s := startServer(t)
+	alice := newBrowser(t, "alice")
+	bob := newBrowser(t, "bob")
+	alice.register(s.url(), "alice")
+	bob.register(s.url(), "bob")
+	alice.sendMany("filler", 40)
+	bob.waitFor("filler", hasMessage("filler 39"))
+	bob.exec(`document.getElementById("messages").scrollTop = 0`)
+	alice.send("news while scrolled up")
+	bob.waitFor("pill", hasMessage("news while scrolled up")+` && !document.getElementById("new-pill").hidden`)
+	bob.do("jump", chromedp.Click(css("#new-pill")))
+	bob.waitFor("at the end", `document.getElementById("new-pill").hidden && (() => {
+		const list = document.getElementById("messages");
+		return list.scrollHeight - list.scrollTop - list.clientHeight < 2;
+	})()`)
+
+	// The page as a hidden tab, with notifications allowed.
+	bob.exec(`(() => {
+		window.hiddenTab = true;
+		Object.defineProperty(document, "hidden", { configurable: true, get: () => window.hiddenTab });
+		window.notified = [];
+		window.Notification = class { constructor(title, opts) { window.notified.push(title + ": " + opts.body); } };
+		window.Notification.permission = "granted";
+	})()`)
+	alice.send("one")
+	alice.send("hey @bob, look")
+	bob.waitFor("title count", `document.title === "(2) gochat"`)
+	bob.waitFor("notified", `window.notified.length === 1 && window.notified[0] === "alice mentioned you: hey @bob, look"`)
+	bob.exec(`window.hiddenTab = false; document.dispatchEvent(new Event("visibilitychange"))`)
+	bob.waitFor("title reset", `document.title === "gochat"`)
+}
+
+// Days are marked, and each time carries its full date.
+func TestDaySeparatorsAndFullDates(t *testing.T) {
+	s := startServer(t)
+	reader := newBrowser(t, "reader")
+	reader.register(s.url(), "reader")
+	yesterday := time.Now().AddDate(0, 0, -1).UTC().Format(time.RFC3339)
+	lastWeek := time.Now().AddDate(0, 0, -7).UTC().Format(time.RFC3339)
+	reader.exec(fmt.Sprintf(`(() => {
+		const r = window.gochatDebug.receive;
+		r({message: "old", author: "x", id: 100001, time: %q, history: true});
+		r({message: "older day", author: "x", id: 100002, time: %q, history: true});
+		r({message: "also yesterday", author: "x", id: 100003, time: %q, history: true});
+		r({message: "now", author: "x", id: 100004, time: new Date().toISOString()});
+	})()`, lastWeek, yesterday, yesterday))
+	days := get(reader, "days", chromedp.Evaluate[string](`[...document.querySelectorAll("#messages li.day")].map(e => e.textContent).join("|")`))
+	parts := strings.Split(days, "|")
+	if len(parts) != 3 || parts[1] != "Yesterday" || parts[2] != "Today" || !strings.Contains(parts[0], fmt.Sprint(time.Now().AddDate(0, 0, -7).Year())) {
+		t.Fatalf("day separators %q", days)
+	}
+	full := get(reader, "full date", chromedp.Evaluate[string](`document.querySelector("#messages li[data-id='100004'] time").getAttribute("aria-label")`))
+	if !strings.Contains(full, fmt.Sprint(time.Now().Year())) {
+		t.Fatalf("time's full date %q", full)
+	}
+}
+
+// Links become links, the reader's own @name is marked, and nothing else is
+// ever markup.
+func TestLinksAndMentions(t *testing.T) {
+	s := startServer(t)
+	alice := newBrowser(t, "alice")
+	bob := newBrowser(t, "bob")
+	alice.register(s.url(), "alice")
+	bob.register(s.url(), "bob")
+	text := `see https://example.com/a?b=1&c=2 and @bob, not @alice <b>bold</b> javascript:alert(1)`
+	alice.send(text)
+	bob.waitFor("message", hasMessage(text))
+	bob.waitFor("markup", `(() => {
+		const li = [...document.querySelectorAll("#messages li")].pop();
+		const links = li.querySelectorAll("a");
+		const marks = li.querySelectorAll("mark.mention");
+		return links.length === 1 && links[0].href === "https://example.com/a?b=1&c=2" &&
+			links[0].rel === "noopener noreferrer" && links[0].target === "_blank" &&
+			marks.length === 1 && marks[0].textContent === "@bob" && li.querySelectorAll("b").length === 0;
+	})()`)
+}
+
+// A lost connection is a banner that counts down and can be cut short; a
+// second tab says the user is in elsewhere, instead of retrying forever,
+// and takes over when asked after the first has gone.
+func TestConnectionBannerAndSecondTab(t *testing.T) {
+	s := startServer(t)
+	alice := newBrowser(t, "alice")
+	alice.register(s.url(), "alice")
+	alice.exec(`window.gochatDebug.dropConnection(8000)`)
+	alice.waitFor("banner", `!document.getElementById("banner").hidden && /Reconnecting in [5-8] s/.test(document.getElementById("banner-text").textContent)`)
+	alice.waitFor("count down", `/Reconnecting in [1-4] s/.test(document.getElementById("banner-text").textContent)`)
+	alice.do("retry now", chromedp.Click(css("#retry")))
+	alice.waitFor("connected", `document.getElementById("status").textContent === "Connected." && document.getElementById("banner").hidden`)
+
+	tabCtx, cancel := chromedp.NewContext(alice.ctx) // a second tab, same cookies
+	defer cancel()
+	tab := &browser{t: t, name: "alice's second tab", ctx: tabCtx}
+	if err := chromedp.Do(tabCtx); err != nil { // the tab lives as long as tabCtx
+		t.Fatal(err)
+	}
+	tab.do("open", chromedp.Navigate(s.url()), chromedp.WaitVisible(css("#chat")))
+	tab.waitFor("open elsewhere", `document.getElementById("banner-text").textContent === "gochat is open in another tab or device." && document.getElementById("retry").textContent === "Use it here"`)
+	alice.exec(`window.gochatDebug.dropConnection(60000)`)
+	tab.do("take over", chromedp.Click(css("#retry")))
+	tab.waitFor("connected", `document.getElementById("status").textContent === "Connected."`)
+}
+
+// The page keeps at most 500 lines, announces only new messages, marks the
+// start of history, and tells a lost key's owner what to do.
+func TestPageStaysSmallAndSaysWhatItIs(t *testing.T) {
+	s := startServer(t)
+	writer := newBrowser(t, "writer")
+	reader := newBrowser(t, "reader")
+	writer.register(s.url(), "writer")
+	writer.send("the first message")
+	writer.waitFor("acked", `document.querySelector("#messages li.mine .state").textContent.includes("delivered")`)
+	reader.register(s.url(), "reader")
+	reader.waitFor("start marked", `document.querySelector("#messages li.start")?.textContent === "This is the start of the conversation."`)
+	writer.sendMany("flood", 600)
+	reader.waitFor("flood", hasMessage("flood 599"))
+	if n := get(reader, "lines", chromedp.Evaluate[int](`document.querySelectorAll("#messages li:not(.day):not(.older):not(.start)").length`)); n > 500 {
+		t.Fatalf("%d lines kept", n)
+	}
+	live := get(reader, "live regions", chromedp.Evaluate[string](`[...document.querySelectorAll("[aria-live]")].map(e => e.id + ":" + e.textContent).join("|")`))
+	if !strings.Contains(live, "announcer:writer: flood 599") || strings.Contains(live, "messages:") {
+		t.Fatalf("live regions %q", live)
+	}
+	other := newBrowser(t, "other")
+	other.do("open", chromedp.Navigate(s.url()), chromedp.WaitVisible(css("#auth")))
+	if hint := get(other, "hint", chromedp.Text(css("#auth .hint"))); !strings.Contains(hint, "cannot be recovered") || !strings.Contains(hint, "register a new name") {
+		t.Fatalf("login view says %q about lost keys", hint)
+	}
+}
