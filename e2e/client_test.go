@@ -196,6 +196,15 @@ func TestPageStaysSmallAndSaysWhatItIs(t *testing.T) {
 	if n := get(reader, "lines", chromedp.Evaluate[int](`document.querySelectorAll("#messages li:not(.day):not(.older):not(.start)").length`)); n > 500 {
 		t.Fatalf("%d lines kept", n)
 	}
+	// Scrolled to the top, the older page shows that it is loading.
+	reader.exec(`(() => {
+		const realFetch = window.fetch;
+		window.fetch = (url, opts) => String(url).includes("api/messages")
+			? new Promise((resolve) => setTimeout(() => resolve(realFetch(url, opts)), 2000))
+			: realFetch(url, opts);
+		document.getElementById("messages").scrollTop = 0;
+	})()`)
+	reader.waitFor("loading shown", `document.querySelector("#messages li.older button")?.textContent === "Loading…"`)
 	live := get(reader, "live regions", chromedp.Evaluate[string](`[...document.querySelectorAll("[aria-live]")].map(e => e.id + ":" + e.textContent).join("|")`))
 	if !strings.Contains(live, "announcer:writer: flood 599") || strings.Contains(live, "messages:") {
 		t.Fatalf("live regions %q", live)
