@@ -226,10 +226,13 @@ func serveSocket(w http.ResponseWriter, r *http.Request, c *client, chat *chat, 
 		Handshake: func(cfg *websocket.Config, _ *http.Request) error { cfg.Protocol = nil; return nil },
 		Handler: func(ws *websocket.Conn) {
 			served, ws.MaxPayloadBytes = true, maxFrameBytes
+			chat.log.Info("websocket open", "user", c.user, "client", clientKey(r))
 			pumped := make(chan struct{})
 			go func() { c.writePump(hj.conn, chat.hub, ping); close(pumped) }()
-			leave(c.readPump(ws, chat.handle))
+			code := c.readPump(ws, chat.handle)
+			leave(code)
 			<-pumped
+			chat.log.Info("websocket closed", "user", c.user, "client", clientKey(r), "code", code)
 		},
 	}.ServeHTTP(hj, r)
 	if !served {

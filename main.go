@@ -34,6 +34,7 @@ func main() {
 // config is everything the command line sets.
 type config struct {
 	Addr, DB, TLSCert, TLSKey      string
+	LogFormat                      string
 	SessionTTL, PingInterval       time.Duration
 	AllowedOrigins                 map[string]bool
 	TrustedProxies                 []netip.Prefix
@@ -57,6 +58,7 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 	fs.DurationVar(&cfg.SessionTTL, "session-ttl", time.Hour, "idle session lifetime")
 	fs.StringVar(&cfg.TLSCert, "tls-cert", "", "TLS certificate file (with -tls-key: serve HTTPS and WSS)")
 	fs.StringVar(&cfg.TLSKey, "tls-key", "", "TLS private key file")
+	fs.StringVar(&cfg.LogFormat, "log-format", "text", "log lines as text or json")
 	fs.Func("allowed-origins", "comma-separated extra origins allowed to open the WebSocket", func(list string) error {
 		for _, o := range strings.FieldsFunc(list, isListSeparator) {
 			if normalizeOrigin(o) == "" {
@@ -92,6 +94,8 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 		return cfg, errors.New("-session-ttl, -ping-interval and -history-keep must be positive")
 	case (cfg.TLSCert == "") != (cfg.TLSKey == ""):
 		return cfg, errors.New("-tls-cert and -tls-key go together")
+	case cfg.LogFormat != "text" && cfg.LogFormat != "json":
+		return cfg, errors.New("-log-format is text or json")
 	case cfg.MsgRate < 0 || cfg.AuthRate < 0 || cfg.OpenRate < 0 || cfg.History < 0 || cfg.ReplayMax < 0 || cfg.MaxConns < 1 || cfg.HistoryMax < 1:
 		return cfg, errors.New("rates, -history and -replay-max must not be negative, -max-conns and -history-max at least 1")
 	}
@@ -128,7 +132,11 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	return serve(ctx, cfg, ln, slog.New(slog.NewTextHandler(stdout, nil)))
+	var log slog.Handler = slog.NewTextHandler(stdout, nil)
+	if cfg.LogFormat == "json" {
+		log = slog.NewJSONHandler(stdout, nil)
+	}
+	return serve(ctx, cfg, ln, slog.New(log))
 }
 
 // serve runs the server on ln until ctx is done, then shuts down: no new

@@ -808,3 +808,48 @@ func TestServerErrorsAreLoggedAsWarnings(t *testing.T) {
 	c.Close()
 	s.waitForLog(t, "level=WARN", "TLS handshake error")
 }
+
+// -log-format json writes one JSON object a line, and every WebSocket open
+// and close is a line with its user.
+func TestJSONLogsWithSocketLines(t *testing.T) {
+	t.Parallel()
+	var out syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"-addr", "127.0.0.1:0", "-db", filepath.Join(t.TempDir(), "chat.db"),
+			"-log-format", "json", "-auth-rate", "0", "-open-rate", "0"}, &out)
+	}()
+	var s *testServer
+	lines := func() (records []map[string]any) {
+		for _, line := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+			var rec map[string]any
+			if json.Unmarshal([]byte(line), &rec) != nil {
+				t.Fatalf("not a JSON line: %q", line)
+			}
+			records = append(records, rec)
+		}
+		return records
+	}
+	for deadline := time.Now().Add(10 * time.Second); s == nil; time.Sleep(5 * time.Millisecond) {
+		if out.String() != "" && lines()[0]["msg"] == "gochat listening" {
+			addr := lines()[0]["addr"].(string)
+			s = &testServer{t: t, addr: addr, url: "http://" + addr}
+		} else if time.Now().After(deadline) {
+			t.Fatalf("no listening line: %s", out.String())
+		}
+	}
+	s.connect(t, s.user(t, "Logged")).close()
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	var open, closed bool
+	for _, rec := range lines() {
+		open = open || rec["msg"] == "websocket open" && rec["user"] == "Logged"
+		closed = closed || rec["msg"] == "websocket closed" && rec["user"] == "Logged" && rec["code"] == float64(closeNormal)
+	}
+	if !open || !closed {
+		t.Fatalf("open %v, closed %v in:\n%s", open, closed, out.String())
+	}
+}
