@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"database/sql"
 	"fmt"
 	"os"
@@ -417,4 +418,42 @@ func TestStartsDespiteDamageItDoesNotRead(t *testing.T) {
 	s.request(t, "GET", "/api/messages", "", cookie).expect(t, 200)
 	s.request(t, "GET", "/api/messages?before=3", "", cookie).expect(t, 500)
 	s.waitForLog(t, "level=ERROR", "malformed")
+}
+
+// `gochat backup FILE` copies the live database while messages pour in: the
+// copy opens, is intact, and holds every message acked before it began.
+func TestBackupDuringAStorm(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	ch := chatter(t, s, 3)
+	ch.waitPast(t, 30)
+	ackedBefore := ch.last.Load()
+	file := filepath.Join(t.TempDir(), "backup.db")
+	var out bytes.Buffer
+	if err := run(context.Background(), []string{"backup", "-db", s.dbPath, file}, &out); err != nil {
+		t.Fatalf("backup: %v", err)
+	}
+	ch.waitPast(t, ch.last.Load()+10) // the storm went on meanwhile
+	ch.finish()
+	checkIntegrity(t, file)
+	db, err := sql.Open("sqlite", file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var n int64
+	if err := db.QueryRow(`SELECT COUNT(*) FROM messages WHERE id <= ?`, ackedBefore).Scan(&n); err != nil || n != ackedBefore {
+		t.Fatalf("backup holds %d of the %d messages acked before it (%v)", n, ackedBefore, err)
+	}
+	if err := run(context.Background(), []string{"backup", "-db", s.dbPath, file}, &out); err == nil || !strings.Contains(err.Error(), "not writing over it") {
+		t.Fatalf("second backup to the same file: %v", err)
+	}
+	if code, out := runToExit(t, "backup", "-db", s.dbPath, file); code == 0 || !strings.Contains(out, "not writing over it") {
+		t.Fatalf("backup over an existing file: exit %d, %s", code, out)
+	}
+	other := filepath.Join(t.TempDir(), "other.db")
+	if code, out := runToExit(t, "backup", "-db", s.dbPath, other); code != 0 {
+		t.Fatalf("backup command: exit %d, %s", code, out)
+	}
+	checkIntegrity(t, other)
 }

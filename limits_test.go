@@ -256,9 +256,8 @@ func checkIntegrity(t *testing.T, path string) {
 // runToExit runs the command with args and returns its exit code and output.
 func runToExit(t *testing.T, args ...string) (int, string) {
 	t.Helper()
-	all := append([]string{"-addr", "127.0.0.1:0"}, args...)
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "GOCHAT_TEST_SERVER=1", "GOCHAT_TEST_ARGS="+string(mustJSON(all)))
+	cmd.Env = append(os.Environ(), "GOCHAT_TEST_SERVER=1", "GOCHAT_TEST_ARGS="+string(mustJSON(args)))
 	done := make(chan struct{})
 	var out []byte
 	var err error
@@ -282,7 +281,7 @@ func TestCorruptDatabaseFailsClearly(t *testing.T) {
 	if err := os.WriteFile(db, []byte(strings.Repeat("this is not a database\n", 500)), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	code, out := runToExit(t, "-db", db)
+	code, out := runToExit(t, "-addr", "127.0.0.1:0", "-db", db)
 	if code == 0 || strings.Contains(out, "panic") || !strings.Contains(out, "not a database") {
 		t.Fatalf("exit %d, output:\n%s", code, out)
 	}
@@ -297,7 +296,7 @@ func TestReadOnlyDatabaseFailsClearly(t *testing.T) {
 		t.Fatal(err)
 	}
 	makeReadOnly(t, db)
-	code, out := runToExit(t, "-db", db)
+	code, out := runToExit(t, "-addr", "127.0.0.1:0", "-db", db)
 	if code == 0 || strings.Contains(out, "panic") || !strings.Contains(out, "open db") {
 		t.Fatalf("exit %d, output:\n%s", code, out)
 	}

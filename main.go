@@ -119,8 +119,12 @@ func parsePrefixes(list string) ([]netip.Prefix, error) {
 
 func isListSeparator(r rune) bool { return r == ',' || r == ' ' }
 
-// run parses args, listens and serves until ctx is done.
+// run parses args, listens and serves until ctx is done; or, with
+// "backup" first, writes a copy of the database.
 func run(ctx context.Context, args []string, stdout io.Writer) error {
+	if len(args) > 0 && args[0] == "backup" {
+		return backup(args[1:], stdout)
+	}
 	cfg, err := parseConfig(args, stdout)
 	if errors.Is(err, flag.ErrHelp) {
 		return nil
@@ -137,6 +141,36 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 		log = slog.NewJSONHandler(stdout, nil)
 	}
 	return serve(ctx, cfg, ln, slog.New(log))
+}
+
+// backup writes a consistent copy of the database to a new file, while
+// the server runs or not.
+func backup(args []string, stdout io.Writer) error {
+	fs := flag.NewFlagSet("gochat backup", flag.ContinueOnError)
+	fs.SetOutput(stdout)
+	db := fs.String("db", "chat.db", "SQLite database file to copy")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return errors.New("usage: gochat backup [-db chat.db] FILE")
+	}
+	if _, err := os.Stat(*db); err != nil {
+		return fmt.Errorf("backup: %w", err)
+	}
+	if _, err := os.Stat(fs.Arg(0)); !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("backup: %s exists, or cannot be checked: not writing over it", fs.Arg(0))
+	}
+	store, err := OpenStore(*db)
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	if _, err := store.db.Exec(`VACUUM INTO ?`, fs.Arg(0)); err != nil {
+		return fmt.Errorf("backup to %s: %w", fs.Arg(0), err)
+	}
+	fmt.Fprintln(stdout, "gochat: backed up", *db, "to", fs.Arg(0))
+	return nil
 }
 
 // serve runs the server on ln until ctx is done, then shuts down: no new
