@@ -103,7 +103,7 @@ func (c *client) take() ([][]byte, int, bool) {
 
 // writePump writes everything queued in one write, pings every interval,
 // and ends after the close frame or a failed write.
-func (c *client) writePump(conn *socketConn, hub *Hub, ping time.Duration) {
+func (c *client) writePump(conn *socketConn, chat *chat, ping time.Duration) {
 	ticker := time.NewTicker(ping)
 	defer ticker.Stop()
 	var buf []byte
@@ -129,7 +129,8 @@ func (c *client) writePump(conn *socketConn, hub *Hub, ping time.Duration) {
 		if isTimeout(err) {
 			// Stalled: the others hear it left now; it gets the rest and a
 			// close frame if it starts reading within another timeout.
-			hub.Unregister(c, closePolicyViolation)
+			chat.hub.Unregister(c, closePolicyViolation)
+			chat.metrics.Add(`gochat_clients_dropped_total{reason="stalled"}`, 1)
 			if code == 0 {
 				code, buf = closePolicyViolation, append(buf, closeFrame(closePolicyViolation)...)
 			}
@@ -228,8 +229,11 @@ func serveSocket(w http.ResponseWriter, r *http.Request, c *client, chat *chat, 
 			served, ws.MaxPayloadBytes = true, maxFrameBytes
 			chat.log.Info("websocket open", "user", c.user, "client", clientKey(r))
 			pumped := make(chan struct{})
-			go func() { c.writePump(hj.conn, chat.hub, ping); close(pumped) }()
+			go func() { c.writePump(hj.conn, chat, ping); close(pumped) }()
 			code := c.readPump(ws, chat.handle)
+			if code == closePolicyViolation {
+				chat.metrics.Add(`gochat_clients_dropped_total{reason="silent"}`, 1)
+			}
 			leave(code)
 			<-pumped
 			chat.log.Info("websocket closed", "user", c.user, "client", clientKey(r), "code", code)

@@ -65,6 +65,7 @@ type Store struct {
 	file     os.FileInfo // the file opened, to notice it being replaced
 	messages chan pendingMessage
 	stop     chan struct{}
+	metrics  *Metrics
 }
 
 type pendingMessage struct {
@@ -74,7 +75,7 @@ type pendingMessage struct {
 }
 
 // OpenStore opens the database at path, creating what is missing.
-func OpenStore(path string) (*Store, error) {
+func OpenStore(path string, metrics *Metrics) (*Store, error) {
 	// SQLite's own error for an unusable path is less clear than this one.
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
@@ -97,7 +98,7 @@ func OpenStore(path string) (*Store, error) {
 	// One connection: SQLite takes one writer at a time anyway, and
 	// database/sql's queue is fairer and quicker than SQLite's busy wait.
 	db.SetMaxOpenConns(1)
-	s := &Store{db: db, path: path, file: info, messages: make(chan pendingMessage, 512), stop: make(chan struct{})}
+	s := &Store{db: db, path: path, file: info, messages: make(chan pendingMessage, 512), stop: make(chan struct{}), metrics: metrics}
 	go s.storeMessages()
 	return s, nil
 }
@@ -199,7 +200,9 @@ func (s *Store) storeMessages() {
 		for len(batch) < cap(s.messages) && len(s.messages) > 0 { // all that waits
 			batch = append(batch, <-s.messages)
 		}
+		start := time.Now()
 		err := s.inTx(func(tx *sql.Tx) error { return insertMessages(tx, batch) })
+		s.metrics.ObserveCommit(time.Since(start))
 		for _, p := range batch {
 			if err == nil {
 				p.handOn(p.msg)

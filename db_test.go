@@ -382,7 +382,7 @@ func TestHistoryMaxKeepsTheNewest(t *testing.T) {
 func TestStartsDespiteDamageItDoesNotRead(t *testing.T) {
 	t.Parallel()
 	path := filepath.Join(t.TempDir(), "chat.db")
-	store, err := OpenStore(path)
+	store, err := OpenStore(path, &Metrics{})
 	if err != nil {
 		t.Fatal(err)
 	}

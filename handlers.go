@@ -24,26 +24,27 @@ const maxBodyBytes = 4 << 10
 
 // routes returns the server's handler: the API on Go 1.22 method patterns,
 // with the mux's own 404 and 405 answers turned into JSON errors.
-func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, chat *chat, authRate, openRate *rateLimiter) http.Handler {
+func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, chat *chat, metrics *Metrics, authRate, openRate *rateLimiter) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("POST /api/register", limitAuth(authRate, handleRegister(store, log)))
-	mux.Handle("POST /api/login", limitAuth(authRate, handleLogin(store, sessions, log)))
+	mux.Handle("POST /api/register", limitAuth(authRate, handleRegister(store, metrics, log)))
+	mux.Handle("POST /api/login", limitAuth(authRate, handleLogin(store, sessions, metrics, log)))
 	mux.Handle("GET /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("POST /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("GET /api/online", handleOnline(sessions, hub))
 	mux.Handle("GET /api/user/{name}", handleUser(store, sessions, hub, log))
 	mux.Handle("GET /api/messages", handleMessages(store, sessions, log))
 	mux.Handle("GET /healthz", handleHealth(store, log))
+	mux.Handle("GET /metrics", handleMetrics(metrics, hub, cfg.TrustedProxies))
 	mux.Handle("GET /ws", handleWebSocket(sessions, chat, openRate, cfg.AllowedOrigins, cfg.PingInterval))
 	mux.Handle("GET /{$}", handleStatic("index.html"))
 	mux.Handle("GET /app.js", handleStatic("app.js"))
 	mux.Handle("GET /style.css", handleStatic("style.css"))
-	return trustProxies(cfg.TrustedProxies, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	return trustProxies(cfg.TrustedProxies, countResponses(metrics, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if _, pattern := mux.Handler(r); pattern == "" {
 			w = &errorRewriter{ResponseWriter: w}
 		}
 		mux.ServeHTTP(w, r)
-	}))
+	})))
 }
 
 // errorRewriter turns the mux's plain-text error answers into JSON ones.
@@ -155,7 +156,7 @@ func validUsername(name string) bool {
 		"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") == ""
 }
 
-func handleRegister(store *Store, log *slog.Logger) http.Handler {
+func handleRegister(store *Store, metrics *Metrics, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		name, ok := bodyField(w, r, "username")
 		if !ok {
@@ -175,12 +176,13 @@ func handleRegister(store *Store, log *slog.Logger) http.Handler {
 		case err != nil:
 			internalError(w, log, r, err)
 		default:
+			metrics.Add("gochat_registrations_total", 1)
 			writeJSON(w, http.StatusCreated, map[string]string{"key": key})
 		}
 	})
 }
 
-func handleLogin(store *Store, sessions *Sessions, log *slog.Logger) http.Handler {
+func handleLogin(store *Store, sessions *Sessions, metrics *Metrics, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		key, ok := bodyField(w, r, "key")
 		if !ok {
@@ -199,6 +201,7 @@ func handleLogin(store *Store, sessions *Sessions, log *slog.Logger) http.Handle
 			internalError(w, log, r, err)
 			return
 		}
+		metrics.Add("gochat_logins_total", 1)
 		setSessionCookie(w, r, sid, sessions.ttl)
 		writeJSON(w, http.StatusOK, map[string]string{"username": user})
 	})

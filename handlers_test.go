@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -264,7 +265,7 @@ func TestHealthzIs503WhenTheDatabaseIsGone(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	store, err := OpenStore(cfg.DB)
+	store, err := OpenStore(cfg.DB, &Metrics{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -428,4 +429,66 @@ func TestSessionsPerUserAreCapped(t *testing.T) {
 	if err := db.QueryRow(`SELECT COUNT(*) FROM sessions WHERE username = 'Hoarder'`).Scan(&rows); err != nil || rows != 20 {
 		t.Fatalf("%d session rows (%v), want 20", rows, err)
 	}
+}
+
+// /metrics counts what the test did, in Prometheus's text format, and only
+// for loopback and trusted proxies' own clients.
+func TestMetricsCountTheTraffic(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	alice := s.connect(t, s.user(t, "Alice"))
+	bob := s.connect(t, s.user(t, "Bob"))
+	alice.nextWhere(isEvent("join", "Bob"))
+	for i := range 3 {
+		sendAndAck(t, alice, fmt.Sprint("m", i))
+	}
+	alice.sendMessage(strings.Repeat("x", 301))
+	alice.sendText(`{"msg":"?"}`)
+	for _, code := range []string{"message_too_long", "invalid_message"} {
+		if f := alice.nextWhere(func(f map[string]any) bool { _, ok := f["status"]; return ok }); f["code"] != code {
+			t.Fatalf("ack %v, want %s", f, code)
+		}
+	}
+	for range 3 {
+		bob.nextWhere(isChat)
+	}
+	resp, err := http.Get(s.url + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	got := map[string]float64{}
+	for _, line := range strings.Split(string(body), "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			t.Fatalf("bad line %q", line)
+		}
+		got[line[:i]] = v
+	}
+	for name, want := range map[string]float64{
+		"gochat_websockets_open":                                 2,
+		"gochat_registrations_total":                             2,
+		"gochat_logins_total":                                    2,
+		"gochat_messages_accepted_total":                         3,
+		"gochat_deliveries_total":                                3,
+		`gochat_messages_refused_total{code="message_too_long"}`: 1,
+		`gochat_messages_refused_total{code="invalid_message"}`:  1,
+	} {
+		if got[name] != want {
+			t.Errorf("%s = %v, want %v", name, got[name], want)
+		}
+	}
+	if n := got["gochat_db_commit_seconds_count"]; n < 1 || n > 3 || got[`gochat_db_commit_seconds_bucket{le="+Inf"}`] != n {
+		t.Errorf("commit histogram count %v", n)
+	}
+	if got[`gochat_http_responses_total{class="2xx"}`] < 4 {
+		t.Errorf("2xx responses %v", got[`gochat_http_responses_total{class="2xx"}`])
+	}
+	// A client of the (trusted, loopback) proxy is someone on the internet.
+	s.request(t, "GET", "/metrics", "", nil, "X-Forwarded-For", "203.0.113.5").expect(t, 404)
 }

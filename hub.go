@@ -27,6 +27,7 @@ type Hub struct {
 	done       chan struct{}
 
 	sockets sync.WaitGroup // one per registered client, until its handler returns
+	metrics *Metrics
 	log     *slog.Logger
 
 	// Owned by the hub goroutine.
@@ -68,11 +69,11 @@ var (
 
 // NewHub starts a hub that replays recent (stored messages, ascending id).
 // lastID is the highest id ever handed out.
-func NewHub(recent []Message, lastID int64, history, replayMax, maxConns int, log *slog.Logger) *Hub {
+func NewHub(recent []Message, lastID int64, history, replayMax, maxConns int, metrics *Metrics, log *slog.Logger) *Hub {
 	h := &Hub{
 		register: make(chan registration), unregister: make(chan departure), kick: make(chan departure),
 		publish: make(chan publication, 256), forget: make(chan int64), online: make(chan chan []string),
-		quit: make(chan int), done: make(chan struct{}), log: log, clients: make(map[string]*client),
+		quit: make(chan int), done: make(chan struct{}), metrics: metrics, log: log, clients: make(map[string]*client),
 		recent: recent, lastID: lastID, history: history, replayMax: replayMax, maxConns: maxConns,
 	}
 	go h.run()
@@ -150,6 +151,7 @@ func (h *Hub) deliver(p publication) {
 		h.recent = slices.Clone(h.recent[len(h.recent)-keep:])
 	}
 	h.lastID = p.msg.ID
+	h.metrics.Add("gochat_deliveries_total", int64(len(h.clients)-1))
 	h.broadcast(messageFrame(p.msg, false), p.from)
 	h.send(p.from, ackFrame(p.msg.ID))
 }
@@ -158,8 +160,7 @@ func (h *Hub) deliver(p publication) {
 // is full.
 func (h *Hub) send(c *client, frame []byte) {
 	if h.clients[strings.ToLower(c.user)] == c && !c.enqueue(frame) {
-		h.log.Warn("dropping slow websocket client", "user", c.user)
-		h.remove(c, closePolicyViolation)
+		h.dropSlow(c)
 	}
 }
 
@@ -173,9 +174,15 @@ func (h *Hub) broadcast(frame []byte, except *client) {
 		}
 	}
 	for _, c := range slow {
-		h.log.Warn("dropping slow websocket client", "user", c.user)
-		h.remove(c, closePolicyViolation)
+		h.dropSlow(c)
 	}
+}
+
+// dropSlow drops a client whose queue is full.
+func (h *Hub) dropSlow(c *client) {
+	h.log.Warn("dropping slow websocket client", "user", c.user)
+	h.metrics.Add(`gochat_clients_dropped_total{reason="slow"}`, 1)
+	h.remove(c, closePolicyViolation)
 }
 
 // remove takes c out, closes its socket with code and tells the others.

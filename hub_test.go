@@ -547,7 +547,7 @@ func BenchmarkBroadcast(b *testing.B) {
 	for _, perRound := range []int{1, 16} {
 		b.Run(fmt.Sprintf("%dmsgs-in-flight", perRound), func(b *testing.B) {
 			const clients = 200
-			h := NewHub(nil, 0, 0, 0, clients, slog.New(slog.DiscardHandler))
+			h := NewHub(nil, 0, 0, 0, clients, &Metrics{}, slog.New(slog.DiscardHandler))
 			ln, err := net.Listen("tcp", "127.0.0.1:0")
 			if err != nil {
 				b.Fatal(err)
@@ -568,7 +568,7 @@ func BenchmarkBroadcast(b *testing.B) {
 				if err := h.Register(c, -1); err != nil {
 					b.Fatal(err)
 				}
-				go c.writePump(&socketConn{Conn: nc, silence: time.Hour}, h, time.Hour)
+				go c.writePump(&socketConn{Conn: nc, silence: time.Hour}, &chat{hub: h, metrics: &Metrics{}}, time.Hour)
 				go countFrames(peer, size, perRound, round.Done)
 			}
 			sender := newClient("sender", "")

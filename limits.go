@@ -110,18 +110,24 @@ func allowed(w http.ResponseWriter, limit *rateLimiter, keys ...string) bool {
 // is the TCP peer, or the last hop of X-Forwarded-For from a trusted proxy:
 // that hop is the one the proxy itself saw; the rest is the client's word.
 func clientKey(r *http.Request) string {
-	addr := peerAddr(r)
-	if hops := r.Header.Values("X-Forwarded-For"); len(hops) > 0 {
-		last := hops[len(hops)-1]
-		if a, err := netip.ParseAddr(strings.TrimSpace(last[strings.LastIndexByte(last, ',')+1:])); err == nil {
-			addr = a.Unmap()
-		}
-	}
+	addr := clientAddr(r)
 	if addr.Is6() {
 		p, _ := addr.Prefix(64)
 		return p.String()
 	}
 	return addr.String()
+}
+
+// clientAddr is the client's address: the TCP peer, or the last hop of
+// X-Forwarded-For, which only a trusted proxy's requests still carry.
+func clientAddr(r *http.Request) netip.Addr {
+	if hops := r.Header.Values("X-Forwarded-For"); len(hops) > 0 {
+		last := hops[len(hops)-1]
+		if a, err := netip.ParseAddr(strings.TrimSpace(last[strings.LastIndexByte(last, ',')+1:])); err == nil {
+			return a.Unmap()
+		}
+	}
+	return peerAddr(r)
 }
 
 func peerAddr(r *http.Request) netip.Addr {

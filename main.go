@@ -161,7 +161,7 @@ func backup(args []string, stdout io.Writer) error {
 	if _, err := os.Stat(fs.Arg(0)); !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("backup: %s exists, or cannot be checked: not writing over it", fs.Arg(0))
 	}
-	store, err := OpenStore(*db)
+	store, err := OpenStore(*db, &Metrics{})
 	if err != nil {
 		return err
 	}
@@ -194,7 +194,8 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		}
 		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
 	}
-	store, err := OpenStore(cfg.DB)
+	metrics := &Metrics{}
+	store, err := OpenStore(cfg.DB, metrics)
 	if err != nil {
 		return err
 	}
@@ -207,7 +208,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	if err != nil {
 		return err
 	}
-	hub := NewHub(recent, lastID, cfg.History, cfg.ReplayMax, cfg.MaxConns, log)
+	hub := NewHub(recent, lastID, cfg.History, cfg.ReplayMax, cfg.MaxConns, metrics, log)
 	sessions, err := NewSessions(ctx, cfg.SessionTTL, cfg.now, store)
 	if err != nil {
 		return err
@@ -215,8 +216,8 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	authRate := newRateLimiter(cfg.AuthRate, cfg.AuthBurst, cfg.now)
 	msgRate := newRateLimiter(cfg.MsgRate, cfg.MsgBurst, cfg.now)
 	openRate := newRateLimiter(cfg.OpenRate, cfg.OpenBurst, cfg.now)
-	chat := &chat{hub: hub, store: store, sessions: sessions, limit: msgRate, now: cfg.now, log: log}
-	srv.Handler = routes(cfg, log, store, sessions, hub, chat, authRate, openRate)
+	chat := &chat{hub: hub, store: store, sessions: sessions, limit: msgRate, now: cfg.now, metrics: metrics, log: log}
+	srv.Handler = routes(cfg, log, store, sessions, hub, chat, metrics, authRate, openRate)
 
 	bg, stopBackground := context.WithCancel(context.Background())
 	defer stopBackground()

@@ -7,6 +7,7 @@ package main
 import (
 	"encoding/binary"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"strings"
 	"time"
@@ -37,6 +38,7 @@ type chat struct {
 	sessions *Sessions
 	limit    *rateLimiter
 	now      func() time.Time
+	metrics  *Metrics
 	log      *slog.Logger
 }
 
@@ -49,15 +51,19 @@ func (ch *chat) handle(c *client, f inFrame) {
 			refusal = ackRateLimited
 		}
 	}
+	m := Message{Author: c.user, Text: text, Time: ch.now()}
+	if refusal == nil {
+		if err := ch.store.AddMessage(m, func(m Message) { ch.hub.Publish(c, m) }); err != nil {
+			ch.log.Error("store message", "user", c.user, "err", err)
+			refusal = ackStorageError
+		}
+	}
 	if refusal != nil {
 		ch.hub.Refuse(c, refusal)
+		ch.metrics.Add(fmt.Sprintf(`gochat_messages_refused_total{code="%s"}`, refusalCodes[string(refusal)]), 1)
 		return
 	}
-	m := Message{Author: c.user, Text: text, Time: ch.now()}
-	if err := ch.store.AddMessage(m, func(m Message) { ch.hub.Publish(c, m) }); err != nil {
-		ch.log.Error("store message", "user", c.user, "err", err)
-		ch.hub.Refuse(c, ackStorageError)
-	}
+	ch.metrics.Add("gochat_messages_accepted_total", 1)
 }
 
 // chatText checks an incoming frame. It returns the message text, or the
@@ -139,6 +145,12 @@ func ackFrame(id int64) []byte {
 
 func errorAck(code string) []byte {
 	return textFrame(mustJSON(map[string]any{"status": false, "code": code}))
+}
+
+// refusalCodes names each refusal frame, for the metrics.
+var refusalCodes = map[string]string{
+	string(ackTooLong): "message_too_long", string(ackInvalid): "invalid_message",
+	string(ackRateLimited): "rate_limited", string(ackStorageError): "storage_error",
 }
 
 var (

@@ -10,7 +10,7 @@ import (
 
 // newTestSessions returns sessions on a fresh database and a clock.
 func newTestSessions(t testing.TB, ttl time.Duration) (*Sessions, *testClock) {
-	store, err := OpenStore(filepath.Join(t.TempDir(), "chat.db"))
+	store, err := OpenStore(filepath.Join(t.TempDir(), "chat.db"), &Metrics{})
 	if err != nil {
 		t.Fatal(err)
 	}
