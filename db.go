@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS messages (
 	created_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_created_at ON messages(created_at);
+CREATE TABLE IF NOT EXISTS bans (username TEXT PRIMARY KEY COLLATE NOCASE);
 CREATE TABLE IF NOT EXISTS health (id INTEGER PRIMARY KEY, checked_at INTEGER NOT NULL);
 INSERT OR IGNORE INTO health VALUES (1, 0);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -48,10 +49,11 @@ CREATE TABLE IF NOT EXISTS sessions (
 
 // Message is one stored chat message.
 type Message struct {
-	ID     int64
-	Author string
-	Text   string
-	Time   time.Time
+	ID      int64
+	Author  string
+	Text    string
+	Time    time.Time
+	Deleted bool // by a moderator; the hub keeps its place so replays see no hole
 }
 
 // Store is the SQLite database. Every write commits with synchronous=FULL
@@ -238,6 +240,39 @@ func (s *Store) inTx(f func(tx *sql.Tx) error) error {
 		return err
 	}
 	return tx.Commit()
+}
+
+// DeleteMessage deletes message id. It returns ErrNotFound when there is none.
+func (s *Store) DeleteMessage(ctx context.Context, id int64) error {
+	res, err := s.db.ExecContext(ctx, `DELETE FROM messages WHERE id = ?`, id)
+	if err != nil {
+		return fmt.Errorf("delete message: %w", err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return ErrNotFound
+	}
+	return nil
+}
+
+// SetBanned bans or unbans name, in any letter case.
+func (s *Store) SetBanned(ctx context.Context, name string, banned bool) error {
+	query := `DELETE FROM bans WHERE username = ?`
+	if banned {
+		query = `INSERT OR IGNORE INTO bans(username) VALUES(?)`
+	}
+	if _, err := s.db.ExecContext(ctx, query, name); err != nil {
+		return fmt.Errorf("ban: %w", err)
+	}
+	return nil
+}
+
+// Banned reports whether name is banned, in any letter case.
+func (s *Store) Banned(ctx context.Context, name string) (bool, error) {
+	var n int
+	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM bans WHERE username = ?`, name).Scan(&n); err != nil {
+		return false, fmt.Errorf("look up ban: %w", err)
+	}
+	return n > 0, nil
 }
 
 // LastMessageID returns the highest message id ever handed out, deleted or

@@ -31,8 +31,11 @@ func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub 
 	mux.Handle("GET /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("POST /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("GET /api/online", handleOnline(sessions, hub))
-	mux.Handle("GET /api/user/{name}", handleUser(store, sessions, hub, log))
+	mux.Handle("GET /api/user/{name}", handleUser(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("GET /api/messages", handleMessages(store, sessions, log))
+	mux.Handle("DELETE /api/messages/{id}", handleDeleteMessage(store, sessions, hub, cfg.Admins, log))
+	mux.Handle("POST /api/user/{name}/ban", handleBan(store, sessions, hub, cfg.Admins, log))
+	mux.Handle("DELETE /api/user/{name}/ban", handleBan(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("GET /healthz", handleHealth(store, log))
 	mux.Handle("GET /metrics", handleMetrics(metrics, hub, cfg.TrustedProxies))
 	mux.Handle("GET /ws", handleWebSocket(sessions, chat, openRate, cfg.AllowedOrigins, cfg.PingInterval))
@@ -166,6 +169,9 @@ func handleRegister(store *Store, metrics *Metrics, log *slog.Logger) http.Handl
 			writeError(w, http.StatusBadRequest, "username must be 1 to 32 ASCII letters or digits")
 			return
 		}
+		if refuseBanned(w, r, store, name, log) {
+			return
+		}
 		key, err := randomToken(43)
 		if err == nil {
 			err = store.CreateUser(r.Context(), name, key)
@@ -191,6 +197,9 @@ func handleLogin(store *Store, sessions *Sessions, metrics *Metrics, log *slog.L
 		user, err := store.UserByKey(r.Context(), key)
 		if errors.Is(err, ErrNotFound) {
 			writeError(w, http.StatusUnauthorized, "unknown key")
+			return
+		}
+		if err == nil && refuseBanned(w, r, store, user, log) {
 			return
 		}
 		sid := ""
@@ -232,7 +241,7 @@ func handleOnline(sessions *Sessions, hub *Hub) http.Handler {
 }
 
 // handleUser answers for /api/user/@me and for any registered name.
-func handleUser(store *Store, sessions *Sessions, hub *Hub, log *slog.Logger) http.Handler {
+func handleUser(store *Store, sessions *Sessions, hub *Hub, admins map[string]bool, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		name, _, ok := authenticate(w, r, sessions)
 		if !ok {
@@ -248,7 +257,8 @@ func handleUser(store *Store, sessions *Sessions, hub *Hub, log *slog.Logger) ht
 		case err != nil:
 			internalError(w, log, r, err)
 		default:
-			writeJSON(w, http.StatusOK, map[string]any{"username": name, "online": slices.Contains(hub.Online(), name)})
+			writeJSON(w, http.StatusOK, map[string]any{"username": name, "online": slices.Contains(hub.Online(), name),
+				"admin": admins[strings.ToLower(name)]})
 		}
 	})
 }

@@ -22,6 +22,7 @@ type Hub struct {
 	publish    chan publication
 	kick       chan departure
 	forget     chan int64
+	deleted    chan int64
 	online     chan chan []string
 	quit       chan int
 	done       chan struct{}
@@ -72,7 +73,7 @@ var (
 func NewHub(recent []Message, lastID int64, history, replayMax, maxConns int, metrics *Metrics, log *slog.Logger) *Hub {
 	h := &Hub{
 		register: make(chan registration), unregister: make(chan departure), kick: make(chan departure),
-		publish: make(chan publication, 256), forget: make(chan int64), online: make(chan chan []string),
+		publish: make(chan publication, 256), forget: make(chan int64), deleted: make(chan int64), online: make(chan chan []string),
 		quit: make(chan int), done: make(chan struct{}), metrics: metrics, log: log, clients: make(map[string]*client),
 		recent: recent, lastID: lastID, history: history, replayMax: replayMax, maxConns: maxConns,
 	}
@@ -96,6 +97,11 @@ func (h *Hub) run() {
 			}
 		case id := <-h.forget:
 			h.recent = slices.DeleteFunc(h.recent, func(m Message) bool { return m.ID <= id })
+		case id := <-h.deleted:
+			if i := sort.Search(len(h.recent), func(i int) bool { return h.recent[i].ID >= id }); i < len(h.recent) && h.recent[i].ID == id {
+				h.recent[i] = Message{ID: id, Deleted: true}
+			}
+			h.broadcast(deleteFrame(id), nil)
 		case reply := <-h.online:
 			names := []string{}
 			for _, c := range h.clients {
@@ -134,7 +140,9 @@ func (h *Hub) add(c *client, since int64) error {
 		}
 	}
 	for _, m := range msgs {
-		h.send(c, messageFrame(m, true))
+		if !m.Deleted {
+			h.send(c, messageFrame(m, true))
+		}
 	}
 	h.broadcast(eventFrame("join", c.user), c)
 	return nil
@@ -239,6 +247,9 @@ func (h *Hub) Publish(from *client, m Message) { tell(h, h.publish, publication{
 func (h *Hub) Refuse(from *client, ack []byte) {
 	tell(h, h.publish, publication{from: from, refusal: ack})
 }
+
+// DeleteMessage stops replaying message id and tells everyone it is gone.
+func (h *Hub) DeleteMessage(id int64) { tell(h, h.deleted, id) }
 
 // Forget drops replayable messages with id <= id, which retention deletes.
 func (h *Hub) Forget(id int64) { tell(h, h.forget, id) }

@@ -36,7 +36,7 @@ type config struct {
 	Addr, DB, TLSCert, TLSKey      string
 	LogFormat                      string
 	SessionTTL, PingInterval       time.Duration
-	AllowedOrigins                 map[string]bool
+	AllowedOrigins, Admins         map[string]bool
 	TrustedProxies                 []netip.Prefix
 	MsgRate, AuthRate, OpenRate    float64
 	MsgBurst, AuthBurst, OpenBurst int
@@ -49,7 +49,7 @@ type config struct {
 
 // parseConfig reads the flags. Usage goes to out.
 func parseConfig(args []string, out io.Writer) (config, error) {
-	cfg := config{now: time.Now, cleanupEvery: time.Minute, AllowedOrigins: map[string]bool{},
+	cfg := config{now: time.Now, cleanupEvery: time.Minute, AllowedOrigins: map[string]bool{}, Admins: map[string]bool{},
 		TrustedProxies: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}}
 	fs := flag.NewFlagSet("gochat", flag.ContinueOnError)
 	fs.SetOutput(out)
@@ -65,6 +65,12 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 				return fmt.Errorf("%q is not an origin like https://example.com", o)
 			}
 			cfg.AllowedOrigins[normalizeOrigin(o)] = true
+		}
+		return nil
+	})
+	fs.Func("admins", "comma-separated users who may delete messages and ban users", func(list string) error {
+		for _, name := range strings.FieldsFunc(list, isListSeparator) {
+			cfg.Admins[strings.ToLower(name)] = true
 		}
 		return nil
 	})

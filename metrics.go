@@ -19,7 +19,7 @@ import (
 type Metrics struct {
 	mu       sync.Mutex
 	counters map[string]int64 // by name with labels, as exposed
-	commits  [12]int64 // by bucket of commitBuckets, and one beyond
+	commits  [12]int64        // by bucket of commitBuckets, and one beyond
 	commitN  int64
 	commitS  float64
 }

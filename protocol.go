@@ -136,6 +136,10 @@ func eventFrame(event, user string) []byte {
 	return textFrame(mustJSON(map[string]string{"event": event, "username": user}))
 }
 
+func deleteFrame(id int64) []byte {
+	return textFrame(mustJSON(map[string]any{"event": "delete", "id": id}))
+}
+
 func ackFrame(id int64) []byte {
 	return textFrame(mustJSON(struct {
 		Status bool  `json:"status"`

@@ -128,6 +128,19 @@ func (s *Sessions) use(id string, sockets int) (string, bool) {
 	return sess.user, true
 }
 
+// EndUser ends every session of user.
+func (s *Sessions) EndUser(ctx context.Context, user string) error {
+	s.mu.Lock()
+	for key, sess := range s.m {
+		if sess.user == user {
+			delete(s.m, key)
+		}
+	}
+	s.mu.Unlock()
+	_, err := s.store.db.ExecContext(ctx, `DELETE FROM sessions WHERE username = ?`, user)
+	return err
+}
+
 // Delete ends a session. Unknown ids are ignored.
 func (s *Sessions) Delete(ctx context.Context, id string) error {
 	key := sessionKey(sha256.Sum256([]byte(id)))

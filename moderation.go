@@ -1,0 +1,93 @@
+// Moderation: admins (-admins) delete messages and ban users. Its own file
+// because it is one idea that reaches into the store, the sessions and the
+// hub, and belongs to none of them.
+
+package main
+
+import (
+	"errors"
+	"log/slog"
+	"net/http"
+	"strings"
+)
+
+// admin returns the user of the request's session when it is an admin,
+// answering 422, 401 or 403 itself otherwise.
+func admin(w http.ResponseWriter, r *http.Request, sessions *Sessions, admins map[string]bool) (string, bool) {
+	user, _, ok := authenticate(w, r, sessions)
+	if ok && !admins[strings.ToLower(user)] {
+		writeError(w, http.StatusForbidden, "admins only")
+		return "", false
+	}
+	return user, ok
+}
+
+// handleDeleteMessage deletes a message from storage and from the hub's
+// replays, and tells everyone connected.
+func handleDeleteMessage(store *Store, sessions *Sessions, hub *Hub, admins map[string]bool, log *slog.Logger) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		by, ok := admin(w, r, sessions, admins)
+		if !ok {
+			return
+		}
+		id, ok := parseUint(r.PathValue("id"))
+		err := store.DeleteMessage(r.Context(), id)
+		switch {
+		case !ok || errors.Is(err, ErrNotFound):
+			writeError(w, http.StatusNotFound, "no such message")
+		case err != nil:
+			internalError(w, log, r, err)
+		default:
+			hub.DeleteMessage(id)
+			log.Info("message deleted", "id", id, "admin", by)
+			w.WriteHeader(http.StatusNoContent)
+		}
+	})
+}
+
+// handleBan bans a user (POST) or lifts the ban (DELETE). A ban ends the
+// user's sessions and closes their socket with 1008; an admin cannot be
+// banned.
+func handleBan(store *Store, sessions *Sessions, hub *Hub, admins map[string]bool, log *slog.Logger) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		by, ok := admin(w, r, sessions, admins)
+		if !ok {
+			return
+		}
+		name, err := store.UserByName(r.Context(), r.PathValue("name"))
+		banning := r.Method == http.MethodPost
+		switch {
+		case errors.Is(err, ErrNotFound):
+			writeError(w, http.StatusNotFound, "no such user")
+			return
+		case err == nil && banning && admins[strings.ToLower(name)]:
+			writeError(w, http.StatusForbidden, "an admin cannot be banned")
+			return
+		case err == nil:
+			err = store.SetBanned(r.Context(), name, banning)
+		}
+		if err == nil && banning {
+			err = sessions.EndUser(r.Context(), name)
+			hub.Kick(name, "", closePolicyViolation)
+		}
+		if err != nil {
+			internalError(w, log, r, err)
+			return
+		}
+		log.Info("ban", "user", name, "banned", banning, "admin", by)
+		writeJSON(w, http.StatusOK, struct{}{})
+	})
+}
+
+// refuseBanned answers 403 when name is banned, reporting whether it did.
+func refuseBanned(w http.ResponseWriter, r *http.Request, store *Store, name string, log *slog.Logger) bool {
+	banned, err := store.Banned(r.Context(), name)
+	if err != nil {
+		internalError(w, log, r, err)
+		return true
+	}
+	if banned {
+		writeError(w, http.StatusForbidden, "banned")
+	}
+	return banned
+}
