@@ -215,3 +215,23 @@ func TestPageStaysSmallAndSaysWhatItIs(t *testing.T) {
 		t.Fatalf("login view says %q about lost keys", hint)
 	}
 }
+
+// An admin's page has a delete button on messages and a ban button in the
+// online list; a deleted message goes from every page, a banned user is
+// sent back to the login view. Others never see the controls.
+func TestModerationFromThePage(t *testing.T) {
+	s := startServer(t, "-admins", "boss")
+	boss := newBrowser(t, "boss")
+	bob := newBrowser(t, "bob")
+	boss.register(s.url(), "boss")
+	bob.register(s.url(), "bob")
+	bob.send("spam spam")
+	boss.waitFor("spam", hasMessage("spam spam"))
+	bob.waitFor("no controls for bob", `document.querySelectorAll("button.delete, button.ban").length === 0`)
+	boss.do("delete", chromedp.Click(css("#messages li:not(.mine) button.delete")))
+	bob.waitFor("gone for bob", "!"+hasMessage("spam spam"))
+	boss.waitFor("gone for boss", "!"+hasMessage("spam spam"))
+	boss.do("ban", chromedp.Click(css("#online-list button.ban")))
+	bob.waitFor("bob logged out", `!document.getElementById("auth").hidden && document.getElementById("status").textContent.includes("session has ended")`)
+	boss.waitFor("bob gone", `!document.getElementById("online-list").textContent.includes("bob")`)
+}

@@ -50,20 +50,21 @@ func TestMain(m *testing.M) {
 // server is the real binary on a fixed loopback port, so that it can be
 // restarted where the browsers expect it.
 type server struct {
-	t    *testing.T
-	addr string
-	db   string
-	cmd  *exec.Cmd
+	t     *testing.T
+	addr  string
+	db    string
+	extra []string // more flags
+	cmd   *exec.Cmd
 }
 
-func startServer(t *testing.T) *server {
+func startServer(t *testing.T, extra ...string) *server {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	addr := ln.Addr().String()
 	ln.Close()
-	s := &server{t: t, addr: addr, db: filepath.Join(t.TempDir(), "chat.db")}
+	s := &server{t: t, addr: addr, db: filepath.Join(t.TempDir(), "chat.db"), extra: extra}
 	s.start()
 	t.Cleanup(s.stop)
 	return s
@@ -72,7 +73,7 @@ func startServer(t *testing.T) *server {
 func (s *server) url() string { return "http://" + s.addr + "/" }
 
 func (s *server) start() {
-	s.cmd = exec.Command(serverBinary, "-addr", s.addr, "-db", s.db, "-msg-rate", "0", "-auth-rate", "0", "-open-rate", "0")
+	s.cmd = exec.Command(serverBinary, append([]string{"-addr", s.addr, "-db", s.db, "-msg-rate", "0", "-auth-rate", "0", "-open-rate", "0"}, s.extra...)...)
 	s.cmd.Stdout, s.cmd.Stderr = os.Stderr, os.Stderr
 	if err := s.cmd.Start(); err != nil {
 		s.t.Fatal(err)

@@ -24,6 +24,7 @@
     holdUntil: 0,
     loadingOlder: false,
     noOlder: false,
+    admin: false, // may delete messages and ban users
     opened: false, // the current socket got as far as open
     hadSocket: false, // some socket of this sign-in got as far as open
     conflicts: 0, // refusals in a row while the server counted us online
@@ -85,6 +86,12 @@
     });
     $("notify").hidden = !("Notification" in window) || Notification.permission !== "default";
     $("me").textContent = name;
+    state.admin = false;
+    request("api/user/@me").then((res) => {
+      state.admin = res.status === 200 && res.body.admin === true;
+      document.querySelectorAll("#messages li[data-id]").forEach(addDeleteButton);
+      renderOnline();
+    }).catch(() => {});
     $("messages").replaceChildren();
     $("send-error").textContent = "";
     renderOnline();
@@ -266,6 +273,9 @@
         state.online.delete(f.username);
         renderOnline();
         return addPresence(f.username, "left");
+      case "delete":
+        document.querySelector(`#messages li[data-id="${Number(f.id)}"]`)?.remove();
+        return renderDays();
       case "gap":
         return addNotice("Some messages were missed while you were away; scroll up for older ones.", "notice");
     }
@@ -284,6 +294,7 @@
     if (!p) return;
     if (f.status) {
       p.li.dataset.id = f.id;
+      addDeleteButton(p.li);
       state.seen.add(f.id);
       state.lastId = Math.max(state.lastId, f.id);
       if (!state.oldestId) state.oldestId = f.id;
@@ -366,7 +377,19 @@
     time.setAttribute("aria-label", time.title);
     li.dataset.day = when.toDateString();
     li.append(author, text, time);
+    addDeleteButton(li);
     return li;
+  }
+
+  // Admins get a delete button on each stored message.
+  function addDeleteButton(li) {
+    if (!state.admin || !li.dataset.id || li.querySelector("button.delete")) return;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "delete";
+    button.textContent = "Delete";
+    button.addEventListener("click", () => request(`api/messages/${li.dataset.id}`, { method: "DELETE" }));
+    li.append(button);
   }
 
   // richText turns a message into nodes: text as text, http(s) links as
@@ -588,6 +611,14 @@
     $("online-list").replaceChildren(...names.map((n) => {
       const li = document.createElement("li");
       li.textContent = n;
+      if (state.admin && n !== state.me) { // admins may ban from here
+        const ban = document.createElement("button");
+        ban.type = "button";
+        ban.className = "ban";
+        ban.textContent = "Ban";
+        ban.addEventListener("click", () => request(`api/user/${encodeURIComponent(n)}/ban`, { method: "POST" }));
+        li.append(" ", ban);
+      }
       return li;
     }));
     $("online-count").textContent = `(${names.length})`;
