@@ -120,6 +120,7 @@ func newBrowserSized(t *testing.T, name string, width, height int) *browser {
 		chromedp.UserDataDir(t.TempDir()),
 		chromedp.WindowSize(width, height),
 		chromedp.Flag("disable-quic", true),
+		chromedp.Flag("ignore-certificate-errors", true), // the tests' own TLS certificates
 		chromedp.Flag("disable-component-update", true),
 	)
 	alloc, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
