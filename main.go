@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -194,11 +195,11 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	// connections wait in the kernel's queue instead of using up descriptors.
 	ln = netutil.LimitListener(smallSendBuffers{ln}, cfg.MaxConns+1024)
 	if cfg.TLSCert != "" {
-		cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
-		if err != nil {
-			return fmt.Errorf("load TLS key pair: %w", err)
+		certs := &certFiles{cert: cfg.TLSCert, key: cfg.TLSKey}
+		if _, err := certs.get(nil); err != nil {
+			return err
 		}
-		ln = tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
+		ln = tls.NewListener(ln, &tls.Config{GetCertificate: certs.get, MinVersion: tls.VersionTLS12})
 	}
 	metrics := &Metrics{}
 	store, err := OpenStore(cfg.DB, metrics)
@@ -284,6 +285,37 @@ func deleteOldMessages(ctx context.Context, cfg config, store *Store, hub *Hub, 
 	if err = errors.Join(err, err2); err != nil && ctx.Err() == nil {
 		log.Error("retention", "err", err)
 	}
+}
+
+// certFiles serves the certificate in its files, loaded again when they
+// change, so that a renewed certificate needs no restart.
+type certFiles struct {
+	cert, key string
+
+	mu      sync.Mutex
+	loaded  *tls.Certificate
+	version string // the files' sizes and times when loaded
+}
+
+func (c *certFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	version := ""
+	for _, name := range []string{c.cert, c.key} {
+		if info, err := os.Stat(name); err == nil {
+			version += fmt.Sprint(info.Size(), info.ModTime().UnixNano(), " ")
+		}
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.loaded == nil || version != c.version {
+		cert, err := tls.LoadX509KeyPair(c.cert, c.key)
+		if err != nil && c.loaded == nil {
+			return nil, fmt.Errorf("load TLS key pair: %w", err)
+		}
+		if err == nil { // else, halfway through a renewal: keep the old one
+			c.loaded, c.version = &cert, version
+		}
+	}
+	return c.loaded, nil
 }
 
 // smallSendBuffers caps the kernel's send buffer of each connection, so that

@@ -853,3 +853,35 @@ func TestJSONLogsWithSocketLines(t *testing.T) {
 		t.Fatalf("open %v, closed %v in:\n%s", open, closed, out.String())
 	}
 }
+
+// A certificate renewed on disk (by certbot, say) is served from the next
+// handshake on, without a restart.
+func TestRenewedCertificateIsServedWithoutRestart(t *testing.T) {
+	t.Parallel()
+	certFile, keyFile, _ := selfSignedCert(t)
+	s := startServer(t, "-tls-cert", certFile, "-tls-key", keyFile)
+	served := func() []byte {
+		c, err := tls.Dial("tcp", s.addr, &tls.Config{InsecureSkipVerify: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		return c.ConnectionState().PeerCertificates[0].Raw
+	}
+	before := served()
+	newCert, newKey, _ := selfSignedCert(t)
+	for from, to := range map[string]string{newCert: certFile, newKey: keyFile} {
+		data, err := os.ReadFile(from)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(to, data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want, _ := os.ReadFile(newCert)
+	block, _ := pem.Decode(want)
+	if after := served(); bytes.Equal(after, before) || !bytes.Equal(after, block.Bytes) {
+		t.Fatal("still serving the old certificate after renewal")
+	}
+}
