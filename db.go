@@ -138,9 +138,18 @@ func (s *Store) CreateUser(ctx context.Context, name, key string) error {
 	return nil
 }
 
-// UserByKey returns the name of the user whose key is key.
-func (s *Store) UserByKey(ctx context.Context, key string) (string, error) {
-	return s.queryName(ctx, `SELECT username FROM users WHERE key_hash = ?`, hashKey(key))
+// UserByKey returns the name of the user whose key is key, and whether
+// they are banned.
+func (s *Store) UserByKey(ctx context.Context, key string) (name string, banned bool, err error) {
+	err = s.db.QueryRowContext(ctx, `SELECT username, EXISTS(SELECT 1 FROM bans WHERE bans.username = users.username)
+		FROM users WHERE key_hash = ?`, hashKey(key)).Scan(&name, &banned)
+	if errors.Is(err, sql.ErrNoRows) {
+		return "", false, ErrNotFound
+	}
+	if err != nil {
+		return "", false, fmt.Errorf("look up user: %w", err)
+	}
+	return name, banned, nil
 }
 
 // UserByName returns the registered spelling of name, matched in any case.

@@ -169,14 +169,12 @@ func handleRegister(store *Store, metrics *Metrics, log *slog.Logger) http.Handl
 			writeError(w, http.StatusBadRequest, "username must be 1 to 32 ASCII letters or digits")
 			return
 		}
-		if refuseBanned(w, r, store, name, log) {
-			return
-		}
 		key, err := randomToken(43)
 		if err == nil {
 			err = store.CreateUser(r.Context(), name, key)
 		}
 		switch {
+		case errors.Is(err, ErrNameTaken) && refuseBanned(w, r, store, name, log):
 		case errors.Is(err, ErrNameTaken):
 			writeError(w, http.StatusConflict, "username already taken")
 		case err != nil:
@@ -194,12 +192,13 @@ func handleLogin(store *Store, sessions *Sessions, metrics *Metrics, log *slog.L
 		if !ok {
 			return
 		}
-		user, err := store.UserByKey(r.Context(), key)
+		user, banned, err := store.UserByKey(r.Context(), key)
 		if errors.Is(err, ErrNotFound) {
 			writeError(w, http.StatusUnauthorized, "unknown key")
 			return
 		}
-		if err == nil && refuseBanned(w, r, store, user, log) {
+		if banned {
+			writeError(w, http.StatusForbidden, "banned")
 			return
 		}
 		sid := ""

@@ -25,8 +25,9 @@ type Sessions struct {
 	now   func() time.Time // time.Now, or a clock a test sets
 	store *Store
 
-	mu sync.Mutex
-	m  map[sessionKey]*session
+	mu      sync.Mutex
+	m       map[sessionKey]*session
+	perUser map[string]int // sessions in m by user, so a login need not count them
 }
 
 // sessionKey is the SHA-256 of a session id: what the map and the database
@@ -47,9 +48,9 @@ func (s *session) expired(now time.Time, ttl time.Duration) bool {
 
 // NewSessions returns the sessions saved in store that are still live.
 func NewSessions(ctx context.Context, ttl time.Duration, now func() time.Time, store *Store) (*Sessions, error) {
-	s := &Sessions{ttl: ttl, now: now, store: store, m: make(map[sessionKey]*session)}
+	s := &Sessions{ttl: ttl, now: now, store: store, m: make(map[sessionKey]*session), perUser: make(map[string]int)}
 	err := store.LoadSessions(ctx, now().Add(-ttl), func(key sessionKey, user string, lastUsed time.Time) {
-		s.m[key] = &session{user: user, lastUsed: lastUsed}
+		s.add(key, &session{user: user, lastUsed: lastUsed})
 	})
 	return s, err
 }
@@ -66,8 +67,11 @@ func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 		return "", fmt.Errorf("new session: %w", err)
 	}
 	s.mu.Lock()
-	s.m[key] = &session{user: user, lastUsed: now}
-	ended := s.trim(user)
+	s.add(key, &session{user: user, lastUsed: now})
+	var ended []sessionKey
+	if s.perUser[user] > maxSessionsPerUser {
+		ended = s.trim(user)
+	}
 	s.mu.Unlock()
 	for _, key := range ended {
 		if err := s.store.DeleteSession(ctx, key); err != nil {
@@ -82,8 +86,7 @@ func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 const maxSessionsPerUser = 20
 
 // trim ends user's least recently used sessions beyond maxSessionsPerUser,
-// never one with an open socket, and returns their keys. Logins are rate
-// limited, so a scan of the map for each is cheap enough.
+// never one with an open socket, and returns their keys.
 func (s *Sessions) trim(user string) []sessionKey {
 	var idle []sessionKey
 	n := 0
@@ -100,9 +103,23 @@ func (s *Sessions) trim(user string) []sessionKey {
 	}
 	slices.SortFunc(idle, func(a, b sessionKey) int { return s.m[a].lastUsed.Compare(s.m[b].lastUsed) })
 	for _, key := range idle[:excess] {
-		delete(s.m, key)
+		s.remove(key)
 	}
 	return idle[:excess]
+}
+
+func (s *Sessions) add(key sessionKey, sess *session) {
+	s.m[key] = sess
+	s.perUser[sess.user]++
+}
+
+func (s *Sessions) remove(key sessionKey) {
+	if sess := s.m[key]; sess != nil {
+		delete(s.m, key)
+		if s.perUser[sess.user]--; s.perUser[sess.user] == 0 {
+			delete(s.perUser, sess.user)
+		}
+	}
 }
 
 // Lookup returns the user of a live session and refreshes its lifetime.
@@ -133,7 +150,7 @@ func (s *Sessions) EndUser(ctx context.Context, user string) error {
 	s.mu.Lock()
 	for key, sess := range s.m {
 		if sess.user == user {
-			delete(s.m, key)
+			s.remove(key)
 		}
 	}
 	s.mu.Unlock()
@@ -145,7 +162,7 @@ func (s *Sessions) EndUser(ctx context.Context, user string) error {
 func (s *Sessions) Delete(ctx context.Context, id string) error {
 	key := sessionKey(sha256.Sum256([]byte(id)))
 	s.mu.Lock()
-	delete(s.m, key)
+	s.remove(key)
 	s.mu.Unlock()
 	return s.store.DeleteSession(ctx, key)
 }
@@ -159,7 +176,7 @@ func (s *Sessions) Save(ctx context.Context) error {
 	for key, sess := range s.m {
 		switch {
 		case sess.expired(now, s.ttl):
-			delete(s.m, key)
+			s.remove(key)
 		case sess.sockets > 0:
 			used[key] = now
 		case sess.unsaved:
