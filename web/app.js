@@ -218,10 +218,10 @@
       showAuth("Your session has ended. Please log in again.");
       return;
     }
+    let delay = Math.max(Math.min(30000, 1000 * 2 ** state.backoff), state.holdUntil - Date.now());
     // Refused before it opened while the server counts us online: another
     // tab or device holds this user's one socket. Retrying silently would
     // never end; say so and let the user take over once it is closed.
-    let delay = Math.max(Math.min(30000, 1000 * 2 ** state.backoff), state.holdUntil - Date.now());
     if (!state.opened && res && res.status === 200 && res.body.online) {
       // Right after a drop it may be this tab's own old socket, which the
       // server checks within 5 s: try once more after that.
