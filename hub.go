@@ -60,7 +60,7 @@ type departure struct {
 type publication struct {
 	from    *client
 	msg     Message
-	refusal []byte
+	refusal string // the error ack's code
 }
 
 var (
@@ -149,8 +149,8 @@ func (h *Hub) add(c *client, since int64) error {
 }
 
 func (h *Hub) deliver(p publication) {
-	if p.refusal != nil {
-		h.send(p.from, p.refusal)
+	if p.refusal != "" {
+		h.send(p.from, errorAck(p.refusal))
 		return
 	}
 	h.recent = append(h.recent, p.msg)
@@ -243,9 +243,9 @@ func (h *Hub) Kick(user, session string, code int) {
 // Publish broadcasts a stored message and acks it to its sender.
 func (h *Hub) Publish(from *client, m Message) { tell(h, h.publish, publication{from: from, msg: m}) }
 
-// Refuse sends from an error ack, in order with its other acks.
-func (h *Hub) Refuse(from *client, ack []byte) {
-	tell(h, h.publish, publication{from: from, refusal: ack})
+// Refuse sends from an error ack with code, in order with its other acks.
+func (h *Hub) Refuse(from *client, code string) {
+	tell(h, h.publish, publication{from: from, refusal: code})
 }
 
 // DeleteMessage stops replaying message id and tells everyone it is gone.

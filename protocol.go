@@ -46,40 +46,40 @@ type chat struct {
 // it to the hub, which broadcasts it and acks it to c.
 func (ch *chat) handle(c *client, f inFrame) {
 	text, refusal := chatText(f)
-	if refusal == nil {
+	if refusal == "" {
 		if ok, _ := ch.limit.Allow(strings.ToLower(c.user)); !ok {
-			refusal = ackRateLimited
+			refusal = "rate_limited"
 		}
 	}
 	m := Message{Author: c.user, Text: text, Time: ch.now()}
-	if refusal == nil {
+	if refusal == "" {
 		if err := ch.store.AddMessage(m, func(m Message) { ch.hub.Publish(c, m) }); err != nil {
 			ch.log.Error("store message", "user", c.user, "err", err)
-			refusal = ackStorageError
+			refusal = "storage_error"
 		}
 	}
-	if refusal != nil {
+	if refusal != "" {
 		ch.hub.Refuse(c, refusal)
-		ch.metrics.Add(fmt.Sprintf(`gochat_messages_refused_total{code="%s"}`, refusalCodes[string(refusal)]), 1)
+		ch.metrics.Add(fmt.Sprintf(`gochat_messages_refused_total{code="%s"}`, refusal), 1)
 		return
 	}
 	ch.metrics.Add("gochat_messages_accepted_total", 1)
 }
 
 // chatText checks an incoming frame. It returns the message text, or the
-// error ack to send instead.
-func chatText(f inFrame) (string, []byte) {
+// code of the error ack to send instead.
+func chatText(f inFrame) (text, refusal string) {
 	if f.binary {
-		return "", ackInvalid
+		return "", "invalid_message"
 	}
 	text, err := stringField(f.data, "message")
 	if err != nil || text == "" {
-		return "", ackInvalid
+		return "", "invalid_message"
 	}
 	if utf8.RuneCountInString(text) > maxMessageRunes {
-		return "", ackTooLong
+		return "", "message_too_long"
 	}
-	return text, nil
+	return text, ""
 }
 
 // inFrame is one received data frame.
@@ -151,19 +151,9 @@ func errorAck(code string) []byte {
 	return textFrame(mustJSON(map[string]any{"status": false, "code": code}))
 }
 
-// refusalCodes names each refusal frame, for the metrics.
-var refusalCodes = map[string]string{
-	string(ackTooLong): "message_too_long", string(ackInvalid): "invalid_message",
-	string(ackRateLimited): "rate_limited", string(ackStorageError): "storage_error",
-}
-
 var (
-	gapFrame        = textFrame([]byte(`{"event":"gap"}`))
-	pingFrame       = wsFrame(opPing, nil)
-	ackTooLong      = errorAck("message_too_long")
-	ackInvalid      = errorAck("invalid_message")
-	ackRateLimited  = errorAck("rate_limited")
-	ackStorageError = errorAck("storage_error")
+	gapFrame  = textFrame([]byte(`{"event":"gap"}`))
+	pingFrame = wsFrame(opPing, nil)
 )
 
 func textFrame(payload []byte) []byte { return wsFrame(opText, payload) }
