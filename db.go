@@ -141,32 +141,28 @@ func (s *Store) CreateUser(ctx context.Context, name, key string) error {
 // UserByKey returns the name of the user whose key is key, and whether
 // they are banned.
 func (s *Store) UserByKey(ctx context.Context, key string) (name string, banned bool, err error) {
-	err = s.db.QueryRowContext(ctx, `SELECT username, EXISTS(SELECT 1 FROM bans WHERE bans.username = users.username)
-		FROM users WHERE key_hash = ?`, hashKey(key)).Scan(&name, &banned)
-	if errors.Is(err, sql.ErrNoRows) {
-		return "", false, ErrNotFound
-	}
-	if err != nil {
-		return "", false, fmt.Errorf("look up user: %w", err)
-	}
-	return name, banned, nil
+	err = s.queryRow(ctx, `SELECT username, EXISTS(SELECT 1 FROM bans WHERE bans.username = users.username)
+		FROM users WHERE key_hash = ?`, []any{hashKey(key)}, &name, &banned)
+	return name, banned, err
 }
 
 // UserByName returns the registered spelling of name, matched in any case.
 func (s *Store) UserByName(ctx context.Context, name string) (string, error) {
-	return s.queryName(ctx, `SELECT username FROM users WHERE username = ?`, name)
+	err := s.queryRow(ctx, `SELECT username FROM users WHERE username = ?`, []any{name}, &name)
+	return name, err
 }
 
-func (s *Store) queryName(ctx context.Context, query string, arg any) (string, error) {
-	var name string
-	err := s.db.QueryRowContext(ctx, query, arg).Scan(&name)
+// queryRow scans the one row query returns into dest, or returns
+// ErrNotFound.
+func (s *Store) queryRow(ctx context.Context, query string, args []any, dest ...any) error {
+	err := s.db.QueryRowContext(ctx, query, args...).Scan(dest...)
 	if errors.Is(err, sql.ErrNoRows) {
-		return "", ErrNotFound
+		return ErrNotFound
 	}
 	if err != nil {
-		return "", fmt.Errorf("look up user: %w", err)
+		return fmt.Errorf("query: %w", err)
 	}
-	return name, nil
+	return nil
 }
 
 // Check reports whether the database can take a write, to the file that
@@ -277,11 +273,9 @@ func (s *Store) SetBanned(ctx context.Context, name string, banned bool) error {
 
 // Banned reports whether name is banned, in any letter case.
 func (s *Store) Banned(ctx context.Context, name string) (bool, error) {
-	var n int
-	if err := s.db.QueryRowContext(ctx, `SELECT COUNT(*) FROM bans WHERE username = ?`, name).Scan(&n); err != nil {
-		return false, fmt.Errorf("look up ban: %w", err)
-	}
-	return n > 0, nil
+	var banned bool
+	err := s.queryRow(ctx, `SELECT EXISTS(SELECT 1 FROM bans WHERE username = ?)`, []any{name}, &banned)
+	return banned, err
 }
 
 // LastMessageID returns the highest message id ever handed out, deleted or
@@ -296,11 +290,11 @@ func (s *Store) LastMessageBefore(ctx context.Context, t time.Time) (int64, erro
 	return s.queryID(ctx, `SELECT id FROM messages WHERE created_at < ? ORDER BY created_at DESC LIMIT 1`, t.UnixNano())
 }
 
+// queryID returns the one id query finds, or 0.
 func (s *Store) queryID(ctx context.Context, query string, args ...any) (int64, error) {
 	var id int64
-	err := s.db.QueryRowContext(ctx, query, args...).Scan(&id)
-	if err != nil && !errors.Is(err, sql.ErrNoRows) {
-		return 0, fmt.Errorf("query message id: %w", err)
+	if err := s.queryRow(ctx, query, args, &id); err != nil && !errors.Is(err, ErrNotFound) {
+		return 0, err
 	}
 	return id, nil
 }
