@@ -467,9 +467,9 @@
   function appendItem(li, news = false) {
     const list = $("messages");
     const follow = atBottom();
+    if (li.dataset.day && li.dataset.day !== lastDay()) list.append(daySeparator(li.dataset.day));
     list.append(li);
-    trimOldest();
-    renderDays();
+    if (trimOldest()) renderDays();
     if (follow) list.scrollTop = list.scrollHeight;
     else if (news) $("new-pill").hidden = false;
     updateOlderButton();
@@ -483,9 +483,10 @@
   $("new-pill").addEventListener("click", scrollToEnd);
 
   // trimOldest keeps the page to MAX_ITEMS lines; what goes can be loaded
-  // again from the server.
+  // again from the server. It reports whether it took any away.
   function trimOldest() {
     const list = $("messages");
+    if (list.childElementCount <= MAX_ITEMS) return false;
     const items = list.querySelectorAll("li:not(.older):not(.day):not(.start)");
     for (let i = 0; i < items.length - MAX_ITEMS; i++) {
       if (items[i].dataset.id) state.seen.delete(Number(items[i].dataset.id));
@@ -497,28 +498,40 @@
       state.noOlder = false;
       list.querySelector("li.start")?.remove();
     }
+    return items.length > MAX_ITEMS;
+  }
+
+  // lastDay is the day of the newest message on the page.
+  function lastDay() {
+    for (let li = $("messages").lastElementChild; li; li = li.previousElementSibling) {
+      if (li.dataset.day) return li.dataset.day;
+    }
+    return null;
   }
 
   // renderDays puts "Today", "Yesterday" or the date before the first
-  // message of each day.
+  // message of each day, all over again: after older messages came in
+  // above, or some went. A message arriving at the end needs only
+  // appendItem's check.
   function renderDays() {
     const list = $("messages");
     list.querySelectorAll("li.day").forEach((li) => li.remove());
-    const today = new Date();
-    const yesterday = new Date(today.getFullYear(), today.getMonth(), today.getDate() - 1);
     let last = null;
     for (const li of list.querySelectorAll("li[data-day]")) {
-      const day = li.dataset.day;
-      if (day === last) continue;
-      last = day;
-      const sep = document.createElement("li");
-      sep.className = "day";
-      const date = new Date(day);
-      sep.textContent = day === today.toDateString() ? "Today"
-        : day === yesterday.toDateString() ? "Yesterday"
-        : date.toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" });
-      li.before(sep);
+      if (li.dataset.day !== last) li.before(daySeparator(li.dataset.day));
+      last = li.dataset.day;
     }
+  }
+
+  function daySeparator(day) {
+    const today = new Date();
+    const yesterday = new Date(today.getFullYear(), today.getMonth(), today.getDate() - 1);
+    const sep = document.createElement("li");
+    sep.className = "day";
+    sep.textContent = day === today.toDateString() ? "Today"
+      : day === yesterday.toDateString() ? "Yesterday"
+      : new Date(day).toLocaleDateString([], { weekday: "long", year: "numeric", month: "long", day: "numeric" });
+    return sep;
   }
 
   // --- scroll-back ---
