@@ -9,6 +9,12 @@ import (
 	"github.com/chromedp/chromedp"
 )
 
+// atEnd is true when the message list is scrolled to its end.
+const atEnd = `(() => {
+	const list = document.getElementById("messages");
+	return list.scrollHeight - list.scrollTop - list.clientHeight < 2;
+})()`
+
 // sendMany submits n messages "prefix 0" … "prefix n-1" through the form at once.
 func (b *browser) sendMany(prefix string, n int) {
 	b.t.Helper()
@@ -40,10 +46,7 @@ func TestPhoneLayout(t *testing.T) {
 			last.bottom <= box.bottom + 1 && last.top >= box.top;
 	})()`)
 	writer.send("fresh news")
-	phone.waitFor("newest in view", hasMessage("fresh news")+` && (() => {
-		const list = document.getElementById("messages");
-		return list.scrollHeight - list.scrollTop - list.clientHeight < 2;
-	})()`)
+	phone.waitFor("newest in view", hasMessage("fresh news")+" && "+atEnd)
 	phone.waitFor("online list hidden", `getComputedStyle(document.getElementById("online-list")).display === "none"`)
 	phone.do("show online", chromedp.Click(css("#online-toggle")))
 	phone.waitFor("online list shown", `getComputedStyle(document.getElementById("online-list")).display !== "none" && document.getElementById("online-list").textContent.includes("writer")`)
@@ -87,10 +90,7 @@ func TestUnreadPillTitleAndMentionNotification(t *testing.T) {
 	alice.send("news while scrolled up")
 	bob.waitFor("pill", hasMessage("news while scrolled up")+` && !document.getElementById("new-pill").hidden`)
 	bob.do("jump", chromedp.Click(css("#new-pill")))
-	bob.waitFor("at the end", `document.getElementById("new-pill").hidden && (() => {
-		const list = document.getElementById("messages");
-		return list.scrollHeight - list.scrollTop - list.clientHeight < 2;
-	})()`)
+	bob.waitFor("at the end", `document.getElementById("new-pill").hidden && `+atEnd)
 
 	// The page as a hidden tab, with notifications allowed.
 	bob.exec(`(() => {
