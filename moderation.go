@@ -31,9 +31,12 @@ func handleDeleteMessage(store *Store, sessions *Sessions, hub *Hub, admins map[
 			return
 		}
 		id, ok := parseUint(r.PathValue("id"))
-		err := store.DeleteMessage(r.Context(), id)
+		err := ErrNotFound // an id that is not a number names no message
+		if ok {
+			err = store.DeleteMessage(r.Context(), id)
+		}
 		switch {
-		case !ok || errors.Is(err, ErrNotFound):
+		case errors.Is(err, ErrNotFound):
 			writeError(w, http.StatusNotFound, "no such message")
 		case err != nil:
 			internalError(w, log, r, err)

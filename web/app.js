@@ -79,19 +79,23 @@
     $("login-key").focus();
   }
 
-  function enterChat(name) {
+  // enterChat shows the room to name; admin is what /api/user/@me said,
+  // or undefined after a login, which does not say.
+  function enterChat(name, admin) {
     Object.assign(state, {
       me: name, lastId: 0, oldestId: 0, seen: new Set(), pending: [],
       online: new Set(), backoff: 0, noOlder: false, unread: 0, hadSocket: false, conflicts: 0,
     });
     $("notify").hidden = !("Notification" in window) || Notification.permission !== "default";
     $("me").textContent = name;
-    state.admin = false;
-    request("api/user/@me").then((res) => {
-      state.admin = res.status === 200 && res.body.admin === true;
-      document.querySelectorAll("#messages li[data-id]").forEach(addDeleteButton);
-      renderOnline();
-    }).catch(() => {});
+    state.admin = admin === true;
+    if (admin === undefined) {
+      request("api/user/@me").then((res) => {
+        state.admin = res.status === 200 && res.body.admin === true;
+        document.querySelectorAll("#messages li[data-id]").forEach(addDeleteButton);
+        renderOnline();
+      }).catch(() => {});
+    }
     $("messages").replaceChildren();
     $("send-error").textContent = "";
     renderOnline();
@@ -685,6 +689,6 @@
 
   setStatus("Loading…");
   request("api/user/@me")
-    .then((res) => (res.status === 200 ? enterChat(res.body.username) : showAuth()))
+    .then((res) => (res.status === 200 ? enterChat(res.body.username, res.body.admin) : showAuth()))
     .catch(() => showAuth("The server is not answering."));
 })();
