@@ -58,22 +58,12 @@ type Message struct {
 
 // Store is the SQLite database. Every write commits with synchronous=FULL
 // before it returns, so whatever the server has answered for (a 201, a
-// login, an ack) is on disk before the answer leaves. Chat messages go
-// through one goroutine that stores all that arrived while it was busy in
-// one transaction, so a busy room pays one disk flush for many messages.
+// login, an ack) is on disk before the answer leaves.
 type Store struct {
-	db       *sql.DB
-	path     string
-	file     os.FileInfo // the file opened, to notice it being replaced
-	messages chan pendingMessage
-	stop     chan struct{}
-	metrics  *Metrics
-}
-
-type pendingMessage struct {
-	msg    Message
-	handOn func(Message)
-	done   chan error
+	db      *sql.DB
+	path    string
+	file    os.FileInfo // the file opened, to notice it being replaced
+	metrics *Metrics
 }
 
 // OpenStore opens the database at path, creating what is missing.
@@ -100,21 +90,11 @@ func OpenStore(path string, metrics *Metrics) (*Store, error) {
 	// One connection: SQLite takes one writer at a time anyway, and
 	// database/sql's queue is fairer and quicker than SQLite's busy wait.
 	db.SetMaxOpenConns(1)
-	s := &Store{db: db, path: path, file: info, messages: make(chan pendingMessage, 512), stop: make(chan struct{}), metrics: metrics}
-	go s.storeMessages()
-	return s, nil
+	return &Store{db: db, path: path, file: info, metrics: metrics}, nil
 }
 
-// Close stops storing messages and closes the database. Later calls only
-// report that it is closed.
-func (s *Store) Close() error {
-	select {
-	case <-s.stop:
-	default:
-		close(s.stop)
-	}
-	return s.db.Close()
-}
+// Close closes the database. Later calls do nothing.
+func (s *Store) Close() error { return s.db.Close() }
 
 // hashKey is what the database keeps of a key: a lookup by hash never
 // compares secrets byte by byte, so it takes the same time however close a
@@ -176,62 +156,26 @@ func (s *Store) Check(ctx context.Context) error {
 	return err
 }
 
-// AddMessage stores m and calls handOn with its id set, from the one
-// goroutine that stores messages, so messages are handed on in id order.
-func (s *Store) AddMessage(m Message, handOn func(Message)) error {
-	p := pendingMessage{msg: m, handOn: handOn, done: make(chan error, 1)}
-	select {
-	case s.messages <- p:
-	case <-s.stop:
-		return errStoreClosed
+// AddMessages stores msgs in one transaction and sets their ids.
+func (s *Store) AddMessages(msgs []*Message) error {
+	if len(msgs) == 0 {
+		return nil
 	}
-	select {
-	case err := <-p.done:
-		return err
-	case <-s.stop:
-		return errStoreClosed
-	}
-}
-
-var errStoreClosed = errors.New("store closed")
-
-func (s *Store) storeMessages() {
-	for {
-		var batch []pendingMessage
-		select {
-		case p := <-s.messages:
-			batch = append(batch, p)
-		case <-s.stop:
-			return
-		}
-		for len(batch) < cap(s.messages) && len(s.messages) > 0 { // all that waits
-			batch = append(batch, <-s.messages)
-		}
-		start := time.Now()
-		err := s.inTx(func(tx *sql.Tx) error { return insertMessages(tx, batch) })
-		s.metrics.ObserveCommit(time.Since(start))
-		for _, p := range batch {
+	start := time.Now()
+	defer func() { s.metrics.ObserveCommit(time.Since(start)) }()
+	return s.inTx(func(tx *sql.Tx) error {
+		for _, m := range msgs {
+			res, err := tx.Exec(`INSERT INTO messages(author, body, created_at) VALUES(?, ?, ?)`,
+				m.Author, m.Text, m.Time.UnixNano())
 			if err == nil {
-				p.handOn(p.msg)
+				m.ID, err = res.LastInsertId()
 			}
-			p.done <- err
+			if err != nil {
+				return fmt.Errorf("insert message: %w", err)
+			}
 		}
-	}
-}
-
-// insertMessages stores batch and sets their ids.
-func insertMessages(tx *sql.Tx, batch []pendingMessage) error {
-	for i, p := range batch {
-		res, err := tx.Exec(`INSERT INTO messages(author, body, created_at) VALUES(?, ?, ?)`,
-			p.msg.Author, p.msg.Text, p.msg.Time.UnixNano())
-		if err == nil {
-			batch[i].msg.ID, err = res.LastInsertId()
-		}
-		if err != nil {
-			return fmt.Errorf("insert message: %w", err)
-		}
-	}
-	return nil
+		return nil
+	})
 }
 
 // inTx runs f in a transaction and commits it, or rolls it back on error.

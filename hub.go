@@ -240,13 +240,9 @@ func (h *Hub) Kick(user, session string, code int) {
 	tell(h, h.kick, departure{user: user, session: session, code: code})
 }
 
-// Publish broadcasts a stored message and acks it to its sender.
-func (h *Hub) Publish(from *client, m Message) { tell(h, h.publish, publication{from: from, msg: m}) }
-
-// Refuse sends from an error ack with code, in order with its other acks.
-func (h *Hub) Refuse(from *client, code string) {
-	tell(h, h.publish, publication{from: from, refusal: code})
-}
+// Publish broadcasts a stored message and acks it to its sender, or
+// sends its sender alone the refusal.
+func (h *Hub) Publish(p publication) { tell(h, h.publish, p) }
 
 // DeleteMessage stops replaying message id and tells everyone it is gone.
 func (h *Hub) DeleteMessage(id int64) { tell(h, h.deleted, id) }

@@ -577,7 +577,7 @@ func BenchmarkBroadcast(b *testing.B) {
 			for range (b.N + perRound - 1) / perRound {
 				round.Add(clients)
 				for range perRound {
-					h.Publish(sender, msg)
+					h.Publish(publication{from: sender, msg: msg})
 				}
 				round.Wait()
 			}

@@ -223,7 +223,9 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	authRate := newRateLimiter(cfg.AuthRate, cfg.AuthBurst, cfg.now)
 	msgRate := newRateLimiter(cfg.MsgRate, cfg.MsgBurst, cfg.now)
 	openRate := newRateLimiter(cfg.OpenRate, cfg.OpenBurst, cfg.now)
-	chat := &chat{hub: hub, store: store, sessions: sessions, limit: msgRate, now: cfg.now, metrics: metrics, log: log}
+	chat := &chat{hub: hub, store: store, sessions: sessions, limit: msgRate, now: cfg.now, metrics: metrics, log: log,
+		incoming: make(chan publication, 512)}
+	go chat.storeAndPublish()
 	srv.Handler = routes(cfg, log, store, sessions, hub, chat, metrics, authRate, openRate)
 
 	bg, stopBackground := context.WithCancel(context.Background())

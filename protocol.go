@@ -31,7 +31,8 @@ const (
 	closeTooBig          = 1009
 )
 
-// chat is what a socket's reader needs to handle a frame.
+// chat is what a socket's reader needs to handle a frame, and the one
+// goroutine (storeAndPublish) that stores messages and hands them to the hub.
 type chat struct {
 	hub      *Hub
 	store    *Store
@@ -40,10 +41,13 @@ type chat struct {
 	now      func() time.Time
 	metrics  *Metrics
 	log      *slog.Logger
+	incoming chan publication // checked frames, in the order they came
 }
 
-// handle refuses a frame with an error ack, or stores the message and hands
-// it to the hub, which broadcasts it and acks it to c.
+// handle checks a frame and queues it, accepted or refused, for
+// storeAndPublish. The reader does not wait for the commit, so a client
+// may send many frames per disk flush; its acks still leave in frame
+// order, because accepted and refused frames take the same queue.
 func (ch *chat) handle(c *client, f inFrame) {
 	text, refusal := chatText(f)
 	if refusal == "" {
@@ -51,19 +55,49 @@ func (ch *chat) handle(c *client, f inFrame) {
 			refusal = "rate_limited"
 		}
 	}
-	m := Message{Author: c.user, Text: text, Time: ch.now()}
-	if refusal == "" {
-		if err := ch.store.AddMessage(m, func(m Message) { ch.hub.Publish(c, m) }); err != nil {
-			ch.log.Error("store message", "user", c.user, "err", err)
-			refusal = "storage_error"
+	tell(ch.hub, ch.incoming, publication{from: c, msg: Message{Author: c.user, Text: text}, refusal: refusal})
+}
+
+// storeAndPublish stores the accepted messages of all the frames waiting,
+// in one transaction (one disk flush for many messages in a busy room),
+// then hands every frame to the hub in its order: ids ascend in broadcast
+// order, and nothing is acked before it is on disk.
+func (ch *chat) storeAndPublish() {
+	for {
+		var batch []publication
+		select {
+		case p := <-ch.incoming:
+			batch = append(batch, p)
+		case <-ch.hub.done:
+			return
+		}
+		for len(batch) < cap(ch.incoming) && len(ch.incoming) > 0 { // all that waits
+			batch = append(batch, <-ch.incoming)
+		}
+		var accepted []*Message
+		now := ch.now()
+		for i := range batch {
+			if batch[i].refusal == "" {
+				batch[i].msg.Time = now
+				accepted = append(accepted, &batch[i].msg)
+			}
+		}
+		err := ch.store.AddMessages(accepted)
+		if err != nil {
+			ch.log.Error("store messages", "count", len(accepted), "err", err)
+		}
+		for _, p := range batch {
+			if p.refusal == "" && err != nil {
+				p.refusal = "storage_error"
+			}
+			ch.hub.Publish(p)
+			if p.refusal != "" {
+				ch.metrics.Add(fmt.Sprintf(`gochat_messages_refused_total{code="%s"}`, p.refusal), 1)
+			} else {
+				ch.metrics.Add("gochat_messages_accepted_total", 1)
+			}
 		}
 	}
-	if refusal != "" {
-		ch.hub.Refuse(c, refusal)
-		ch.metrics.Add(fmt.Sprintf(`gochat_messages_refused_total{code="%s"}`, refusal), 1)
-		return
-	}
-	ch.metrics.Add("gochat_messages_accepted_total", 1)
 }
 
 // chatText checks an incoming frame. It returns the message text, or the
