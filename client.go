@@ -143,8 +143,8 @@ func (c *client) writePump(conn *socketConn, chat *chat, ping time.Duration) {
 		case code != 0:
 			conn.finish()
 			return
-		case cap(buf) > 64<<10:
-			buf = nil // a burst's buffer is not kept by an idle client
+		case cap(buf) > 1<<10:
+			buf = nil // a burst's buffer (the history, say) is not kept by an idle client
 		}
 	}
 }
@@ -211,15 +211,32 @@ func handleWebSocket(sessions *Sessions, chat *chat, opens *rateLimiter, origins
 	})
 }
 
-// serveSocket completes the handshake for a registered client and runs its
-// pumps until the socket ends.
+// serveSocket takes the connection over from net/http for a registered
+// client and serves the socket on a goroutine of its own. The handler
+// returns at once, so that net/http's goroutine and buffers are freed
+// instead of waiting, for the life of the socket, on a connection that is
+// no longer theirs.
 func serveSocket(w http.ResponseWriter, r *http.Request, c *client, chat *chat, ping time.Duration) {
+	nc, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		chat.leave(c, closeNormal)
+		chat.hub.sockets.Done()
+		writeError(w, http.StatusInternalServerError, "cannot take over the connection")
+		return
+	}
+	conn := &socketConn{Conn: nc, silence: 2 * ping}
+	// Bytes the HTTP server had already read belong to the socket. A 512-byte
+	// writer holds any control frame whole, so a pong is one write.
+	early, _ := brw.Reader.Peek(brw.Reader.Buffered())
+	rw := bufio.NewReadWriter(bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn), 1024),
+		bufio.NewWriterSize(conn, 512))
+	go runSocket(hijacked{conn, rw}, r, c, chat, ping)
+}
+
+// runSocket completes the handshake and runs the socket's pumps until it
+// ends: the reader on this goroutine, the write pump on another.
+func runSocket(hj hijacked, r *http.Request, c *client, chat *chat, ping time.Duration) {
 	defer chat.hub.sockets.Done()
-	// Leave the room, and free the session to expire, before the close
-	// frame answers the peer's: a client that reconnects the moment it sees
-	// it finds its slot free.
-	leave := func(code int) { chat.sessions.CloseSocket(c.session); chat.hub.Unregister(c, code) }
-	hj := &hijacker{ResponseWriter: w, silence: 2 * ping}
 	served := false
 	websocket.Server{
 		// Subprotocols are not offered; dropping the client's list also keeps
@@ -234,14 +251,22 @@ func serveSocket(w http.ResponseWriter, r *http.Request, c *client, chat *chat, 
 			if code == closePolicyViolation {
 				chat.metrics.Add(`gochat_clients_dropped_total{reason="silent"}`, 1)
 			}
-			leave(code)
+			chat.leave(c, code)
 			<-pumped
 			chat.log.Info("websocket closed", "user", c.user, "client", clientKey(r), "code", code)
 		},
 	}.ServeHTTP(hj, r)
 	if !served {
-		leave(closeNormal)
+		chat.leave(c, closeNormal)
 	}
+}
+
+// leave takes c out of the room, and frees its session to expire, before
+// its close frame answers the peer's: a client that reconnects the moment
+// it sees it finds its slot free.
+func (ch *chat) leave(c *client, code int) {
+	ch.sessions.CloseSocket(c.session)
+	ch.hub.Unregister(c, code)
 }
 
 func isWebSocketUpgrade(r *http.Request) bool {
@@ -291,23 +316,14 @@ func (c *socketConn) finish() {
 	time.AfterFunc(closeGrace, func() { c.Conn.Close() })
 }
 
-// hijacker hands websocket.Server a socketConn instead of the bare
-// connection, so that the library's writes and reads go through it too.
-type hijacker struct {
-	http.ResponseWriter
-	silence time.Duration
-	conn    *socketConn
+// hijacked is a connection already taken from net/http, handed to
+// websocket.Server, which only ever asks to take it over.
+type hijacked struct {
+	conn *socketConn
+	rw   *bufio.ReadWriter
 }
 
-func (h *hijacker) Hijack() (net.Conn, *bufio.ReadWriter, error) {
-	nc, brw, err := http.NewResponseController(h.ResponseWriter).Hijack()
-	if err != nil {
-		return nil, nil, err
-	}
-	h.conn = &socketConn{Conn: nc, silence: h.silence}
-	// Bytes the HTTP server had already read belong to the socket.
-	early, _ := brw.Reader.Peek(brw.Reader.Buffered())
-	r := io.MultiReader(bytes.NewReader(bytes.Clone(early)), h.conn)
-	// A 512-byte writer holds any control frame whole, so a pong is one write.
-	return h.conn, bufio.NewReadWriter(bufio.NewReaderSize(r, 1024), bufio.NewWriterSize(h.conn, 512)), nil
-}
+func (h hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
+func (h hijacked) Header() http.Header                          { return http.Header{} }
+func (h hijacked) Write(p []byte) (int, error)                  { return 0, http.ErrHijacked }
+func (h hijacked) WriteHeader(int)                              {}
