@@ -618,30 +618,43 @@ func TestAcksLeaveInFrameOrder(t *testing.T) {
 	t.Parallel()
 	s := startServer(t)
 	ws := s.connect(t, s.user(t, "Orderly"))
-	var burst bytes.Buffer
-	for _, f := range []struct {
+	tooLong := fmt.Sprintf(`{"message":%q}`, strings.Repeat("x", maxMessageRunes+1))
+	frames := []struct {
 		op      byte
 		payload string
+		ack     string
 	}{
-		{opText, `{"message":"first"}`},
-		{opText, fmt.Sprintf(`{"message":%q}`, strings.Repeat("x", maxMessageRunes+1))},
-		{0x2, `{"message":"binary"}`},
-		{opText, `{"message":"last"}`},
-	} {
+		{opText, `{"message":"first"}`, "true"},
+		{opText, tooLong, "message_too_long"},
+		{0x2, `{"message":"binary"}`, "invalid_message"},
+		{opText, `{"message":"last"}`, "true"},
+	}
+	// Then a longer burst, which the store goroutine commits in batches
+	// while the reader is still reading it.
+	for i := range 60 {
+		frames = append(frames, frames[i%2*3], frames[1])
+	}
+	var burst bytes.Buffer
+	for _, f := range frames {
 		burst.Write(maskedFrame(f.op, []byte(f.payload)))
 	}
-	if _, err := ws.c.Write(burst.Bytes()); err != nil { // one write: all four arrive together
+	if _, err := ws.c.Write(burst.Bytes()); err != nil { // one write: all arrive together
 		t.Fatal(err)
 	}
-	want := []string{"true", "message_too_long", "invalid_message", "true"}
-	for i, w := range want {
-		f := ws.next()
-		got := fmt.Sprint(f["status"])
-		if f["status"] == false {
-			got = fmt.Sprint(f["code"])
+	lastID := 0.0
+	for i, f := range frames {
+		ack := ws.next()
+		got := fmt.Sprint(ack["status"])
+		if ack["status"] == false {
+			got = fmt.Sprint(ack["code"])
 		}
-		if got != w {
-			t.Fatalf("ack %d is %v, want %s", i, f, w)
+		if got != f.ack {
+			t.Fatalf("ack %d is %v, want %s", i, ack, f.ack)
+		}
+		if id, _ := ack["id"].(float64); got == "true" && id <= lastID {
+			t.Fatalf("ack %d has id %v after id %v", i, id, lastID)
+		} else if got == "true" {
+			lastID = id
 		}
 	}
 }
