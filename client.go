@@ -230,6 +230,10 @@ func serveSocket(w http.ResponseWriter, r *http.Request, c *client, chat *chat, 
 	early, _ := brw.Reader.Peek(brw.Reader.Buffered())
 	rw := bufio.NewReadWriter(bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn), 1024),
 		bufio.NewWriterSize(conn, 512))
+	// Logged here, on net/http's goroutine, which ends next: formatting a
+	// log line grows a goroutine's stack by some KiB, which the socket's
+	// goroutine would then keep for the life of the socket.
+	chat.log.Info("websocket open", "user", c.user, "client", clientKey(r))
 	go runSocket(hijacked{conn, rw}, r, c, chat, ping)
 }
 
@@ -237,28 +241,27 @@ func serveSocket(w http.ResponseWriter, r *http.Request, c *client, chat *chat, 
 // ends: the reader on this goroutine, the write pump on another.
 func runSocket(hj hijacked, r *http.Request, c *client, chat *chat, ping time.Duration) {
 	defer chat.hub.sockets.Done()
-	served := false
+	served, code := false, closeNormal
 	websocket.Server{
 		// Subprotocols are not offered; dropping the client's list also keeps
 		// the library from refusing a handshake that names several.
 		Handshake: func(cfg *websocket.Config, _ *http.Request) error { cfg.Protocol = nil; return nil },
 		Handler: func(ws *websocket.Conn) {
 			served, ws.MaxPayloadBytes = true, maxFrameBytes
-			chat.log.Info("websocket open", "user", c.user, "client", clientKey(r))
 			pumped := make(chan struct{})
 			go func() { c.writePump(hj.conn, chat, ping); close(pumped) }()
-			code := c.readPump(ws, chat.handle)
+			code = c.readPump(ws, chat.handle)
 			if code == closePolicyViolation {
 				chat.metrics.Add(`gochat_clients_dropped_total{reason="silent"}`, 1)
 			}
 			chat.leave(c, code)
 			<-pumped
-			chat.log.Info("websocket closed", "user", c.user, "client", clientKey(r), "code", code)
 		},
 	}.ServeHTTP(hj, r)
 	if !served {
 		chat.leave(c, closeNormal)
 	}
+	chat.log.Info("websocket closed", "user", c.user, "client", clientKey(r), "code", code)
 }
 
 // leave takes c out of the room, and frees its session to expire, before
