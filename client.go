@@ -264,12 +264,13 @@ func runSocket(hj hijacked, r *http.Request, c *client, chat *chat, ping time.Du
 	chat.log.Info("websocket closed", "user", c.user, "client", clientKey(r), "code", code)
 }
 
-// leave takes c out of the room, and frees its session to expire, before
-// its close frame answers the peer's: a client that reconnects the moment
-// it sees it finds its slot free.
+// leave frees c's session to expire and takes c out of the room after the
+// frames it sent before, so that others see its last message before its
+// leave. Its close frame follows; a client that reconnects the moment it
+// sees it finds its slot free.
 func (ch *chat) leave(c *client, code int) {
 	ch.sessions.CloseSocket(c.session)
-	ch.hub.Unregister(c, code)
+	tell(ch.hub, ch.incoming, publication{from: c, leave: code})
 }
 
 func isWebSocketUpgrade(r *http.Request) bool {

@@ -54,14 +54,20 @@ type departure struct {
 	code          int
 }
 
-// publication is a stored message to broadcast and ack, or a refusal for
-// its sender alone. Both go through the hub so that a sender's acks keep
-// the order of its frames.
+// publication is what a socket's reader sent on, in order: a stored
+// message to broadcast and ack, a refusal for its sender alone, or its
+// sender's leaving. All go through the hub in the order of the frames, so
+// that a sender's acks keep that order and its leave follows its last
+// message.
 type publication struct {
 	from    *client
 	msg     Message
 	refusal string // the error ack's code
+	leave   int    // non-zero: from left; close its socket with this code
 }
+
+// accepted reports whether p is a message to store and broadcast.
+func (p publication) accepted() bool { return p.refusal == "" && p.leave == 0 }
 
 var (
 	errTaken = errors.New("user already has an open WebSocket")
@@ -149,7 +155,11 @@ func (h *Hub) add(c *client, since int64) error {
 }
 
 func (h *Hub) deliver(p publication) {
-	if p.refusal != "" {
+	switch {
+	case p.leave != 0:
+		h.remove(p.from, p.leave)
+		return
+	case p.refusal != "":
 		h.send(p.from, errorAck(p.refusal))
 		return
 	}

@@ -659,6 +659,26 @@ func TestAcksLeaveInFrameOrder(t *testing.T) {
 	}
 }
 
+// A client that sends a message and closes at once has stored its message
+// while its close was read: the others see the message before the leave.
+func TestLastMessageComesBeforeTheLeave(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	reader := s.connect(t, s.user(t, "Stayer"))
+	goer := s.connect(t, s.user(t, "Goer"))
+	reader.nextWhere(isEvent("join", "Goer"))
+	var burst bytes.Buffer
+	burst.Write(maskedFrame(opText, []byte(`{"message":"bye"}`)))
+	burst.Write(maskedFrame(opClose, binary.BigEndian.AppendUint16(nil, closeNormal)))
+	if _, err := goer.c.Write(burst.Bytes()); err != nil { // one write: the close is read at once
+		t.Fatal(err)
+	}
+	if f := reader.next(); f["message"] != "bye" {
+		t.Fatalf("got %v before the message, want the message and then the leave", f)
+	}
+	reader.nextWhere(isEvent("leave", "Goer"))
+}
+
 func TestPingFloodingNonReaderDelaysNoOne(t *testing.T) {
 	t.Parallel()
 	s := startServer(t)

@@ -41,7 +41,7 @@ type chat struct {
 	now      func() time.Time
 	metrics  *Metrics
 	log      *slog.Logger
-	incoming chan publication // checked frames, in the order they came
+	incoming chan publication // checked frames and departures, in the order they came
 }
 
 // handle checks a frame and queues it, accepted or refused, for
@@ -77,7 +77,7 @@ func (ch *chat) storeAndPublish() {
 		var accepted []*Message
 		now := ch.now()
 		for i := range batch {
-			if batch[i].refusal == "" {
+			if batch[i].accepted() {
 				batch[i].msg.Time = now
 				accepted = append(accepted, &batch[i].msg)
 			}
@@ -87,14 +87,15 @@ func (ch *chat) storeAndPublish() {
 			ch.log.Error("store messages", "count", len(accepted), "err", err)
 		}
 		for _, p := range batch {
-			if p.refusal == "" && err != nil {
+			if p.accepted() && err != nil {
 				p.refusal = "storage_error"
 			}
 			ch.hub.Publish(p)
-			if p.refusal != "" {
-				ch.metrics.Add(fmt.Sprintf(`gochat_messages_refused_total{code="%s"}`, p.refusal), 1)
-			} else {
+			switch {
+			case p.accepted():
 				ch.metrics.Add("gochat_messages_accepted_total", 1)
+			case p.refusal != "":
+				ch.metrics.Add(fmt.Sprintf(`gochat_messages_refused_total{code="%s"}`, p.refusal), 1)
 			}
 		}
 	}
