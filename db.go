@@ -191,9 +191,11 @@ func (s *Store) inTx(f func(tx *sql.Tx) error) error {
 	return tx.Commit()
 }
 
-// DeleteMessage deletes message id. It returns ErrNotFound when there is none.
+// DeleteMessage wipes message id's author and text, leaving a tombstone
+// that keeps its id taken, so that after a restart the hub's replay still
+// knows it was there. It returns ErrNotFound when there is none.
 func (s *Store) DeleteMessage(ctx context.Context, id int64) error {
-	res, err := s.db.ExecContext(ctx, `DELETE FROM messages WHERE id = ?`, id)
+	res, err := s.db.ExecContext(ctx, `UPDATE messages SET author = '', body = '' WHERE id = ? AND author != ''`, id)
 	if err != nil {
 		return fmt.Errorf("delete message: %w", err)
 	}
@@ -244,13 +246,14 @@ func (s *Store) queryID(ctx context.Context, query string, args ...any) (int64, 
 }
 
 // Messages returns up to limit stored messages with id < before (any id when
-// before is 0), oldest first.
-func (s *Store) Messages(ctx context.Context, before int64, limit int) ([]Message, error) {
+// before is 0), oldest first. Deleted ones are left out, unless tombstones
+// is true: then they come with Deleted set.
+func (s *Store) Messages(ctx context.Context, before int64, limit int, tombstones bool) ([]Message, error) {
 	if before <= 0 {
 		before = 1<<63 - 1
 	}
 	rows, err := s.db.QueryContext(ctx, `SELECT id, author, body, created_at FROM messages
-		WHERE id < ? ORDER BY id DESC LIMIT ?`, before, limit)
+		WHERE id < ? AND (? OR author != '') ORDER BY id DESC LIMIT ?`, before, tombstones, limit)
 	if err != nil {
 		return nil, fmt.Errorf("query messages: %w", err)
 	}
@@ -262,7 +265,7 @@ func (s *Store) Messages(ctx context.Context, before int64, limit int) ([]Messag
 		if err := rows.Scan(&m.ID, &m.Author, &m.Text, &nanos); err != nil {
 			return nil, fmt.Errorf("scan message: %w", err)
 		}
-		m.Time = time.Unix(0, nanos).UTC()
+		m.Time, m.Deleted = time.Unix(0, nanos).UTC(), m.Author == ""
 		msgs = append(msgs, m)
 	}
 	slices.Reverse(msgs)

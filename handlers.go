@@ -273,7 +273,7 @@ func handleMessages(store *Store, sessions *Sessions, log *slog.Logger) http.Han
 			writeError(w, http.StatusBadRequest, "before must be a positive message id, limit an integer from 1 to 100")
 			return
 		}
-		msgs, err := store.Messages(r.Context(), before, int(limit))
+		msgs, err := store.Messages(r.Context(), before, int(limit), false)
 		if err != nil {
 			internalError(w, log, r, err)
 			return

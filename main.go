@@ -207,7 +207,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		return err
 	}
 	defer store.Close()
-	recent, err := store.Messages(ctx, 0, max(cfg.History, cfg.ReplayMax))
+	recent, err := store.Messages(ctx, 0, max(cfg.History, cfg.ReplayMax), true)
 	if err != nil {
 		return err
 	}
