@@ -250,8 +250,9 @@ func (h *Hub) Kick(user, session string, code int) {
 	tell(h, h.kick, departure{user: user, session: session, code: code})
 }
 
-// Publish broadcasts a stored message and acks it to its sender, or
-// sends its sender alone the refusal.
+// Publish hands the hub what a reader sent on: a stored message to
+// broadcast and ack, a refusal to send its sender alone, or its sender's
+// leaving.
 func (h *Hub) Publish(p publication) { tell(h, h.publish, p) }
 
 // DeleteMessage stops replaying message id and tells everyone it is gone.

@@ -58,10 +58,10 @@ func (ch *chat) handle(c *client, f inFrame) {
 	tell(ch.hub, ch.incoming, publication{from: c, msg: Message{Author: c.user, Text: text}, refusal: refusal})
 }
 
-// storeAndPublish stores the accepted messages of all the frames waiting,
-// in one transaction (one disk flush for many messages in a busy room),
-// then hands every frame to the hub in its order: ids ascend in broadcast
-// order, and nothing is acked before it is on disk.
+// storeAndPublish stores the accepted messages of all that waits in
+// incoming, in one transaction (one disk flush for many messages in a busy
+// room), then hands all of it to the hub in its order: ids ascend in
+// broadcast order, and nothing is acked before it is on disk.
 func (ch *chat) storeAndPublish() {
 	for {
 		var batch []publication
