@@ -30,6 +30,7 @@ const (
 // only ever delay its own frames.
 type client struct {
 	user    string
+	key     string // user in lower case: names are unique in any case
 	session string
 
 	mu     sync.Mutex
@@ -41,7 +42,7 @@ type client struct {
 }
 
 func newClient(user, session string) *client {
-	return &client{user: user, session: session, wake: make(chan struct{}, 1)}
+	return &client{user: user, key: strings.ToLower(user), session: session, wake: make(chan struct{}, 1)}
 }
 
 // enqueue queues frame for the write pump. It reports false when the queue

@@ -125,15 +125,14 @@ func (h *Hub) run() {
 // add takes c in, unless its user already has a socket or the server is
 // full, and queues its replay. Others hear of the join after it, in order.
 func (h *Hub) add(c *client, since int64) error {
-	key := strings.ToLower(c.user)
-	if old := h.clients[key]; old != nil {
+	if old := h.clients[c.key]; old != nil {
 		old.startProbe()
 		return errTaken
 	}
 	if len(h.clients) >= h.maxConns {
 		return errFull
 	}
-	h.clients[key] = c
+	h.clients[c.key] = c
 	h.sockets.Add(1)
 	msgs := h.recent[max(0, len(h.recent)-h.history):]
 	if since >= 0 {
@@ -177,7 +176,7 @@ func (h *Hub) deliver(p publication) {
 // send queues frame for c, if c is still here, and drops c when its queue
 // is full.
 func (h *Hub) send(c *client, frame []byte) {
-	if h.clients[strings.ToLower(c.user)] == c && !c.enqueue(frame) {
+	if h.clients[c.key] == c && !c.enqueue(frame) {
 		h.dropSlow(c)
 	}
 }
@@ -205,8 +204,8 @@ func (h *Hub) dropSlow(c *client) {
 
 // remove takes c out, closes its socket with code and tells the others.
 func (h *Hub) remove(c *client, code int) {
-	if key := strings.ToLower(c.user); h.clients[key] == c {
-		delete(h.clients, key)
+	if h.clients[c.key] == c {
+		delete(h.clients, c.key)
 		c.close(code)
 		h.broadcast(eventFrame("leave", c.user), nil)
 	}

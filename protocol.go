@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"log/slog"
-	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -51,7 +50,7 @@ type chat struct {
 func (ch *chat) handle(c *client, f inFrame) {
 	text, refusal := chatText(f)
 	if refusal == "" {
-		if ok, _ := ch.limit.Allow(strings.ToLower(c.user)); !ok {
+		if ok, _ := ch.limit.Allow(c.key); !ok {
 			refusal = "rate_limited"
 		}
 	}

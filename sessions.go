@@ -35,6 +35,8 @@ type Sessions struct {
 // live session ids.
 type sessionKey [sha256.Size]byte
 
+func keyOf(id string) sessionKey { return sha256.Sum256([]byte(id)) }
+
 type session struct {
 	user     string
 	lastUsed time.Time
@@ -62,7 +64,7 @@ func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	key, now := sessionKey(sha256.Sum256([]byte(id))), s.now()
+	key, now := keyOf(id), s.now()
 	if err := s.store.SaveSession(ctx, key, user, now); err != nil {
 		return "", fmt.Errorf("new session: %w", err)
 	}
@@ -133,7 +135,7 @@ func (s *Sessions) OpenSocket(id string) (user string, ok bool) { return s.use(i
 func (s *Sessions) CloseSocket(id string) { s.use(id, -1) }
 
 func (s *Sessions) use(id string, sockets int) (string, bool) {
-	key, now := sessionKey(sha256.Sum256([]byte(id))), s.now()
+	key, now := keyOf(id), s.now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	sess := s.m[key]
@@ -160,7 +162,7 @@ func (s *Sessions) EndUser(ctx context.Context, user string) error {
 
 // Delete ends a session. Unknown ids are ignored.
 func (s *Sessions) Delete(ctx context.Context, id string) error {
-	key := sessionKey(sha256.Sum256([]byte(id)))
+	key := keyOf(id)
 	s.mu.Lock()
 	s.remove(key)
 	s.mu.Unlock()
