@@ -257,7 +257,7 @@ func handleUser(store *Store, sessions *Sessions, hub *Hub, admins map[string]bo
 			internalError(w, log, r, err)
 		default:
 			writeJSON(w, http.StatusOK, map[string]any{"username": name, "online": slices.Contains(hub.Online(), name),
-				"admin": admins[strings.ToLower(name)]})
+				"admin": isAdmin(admins, name)})
 		}
 	})
 }

@@ -15,12 +15,15 @@ import (
 // answering 422, 401 or 403 itself otherwise.
 func admin(w http.ResponseWriter, r *http.Request, sessions *Sessions, admins map[string]bool) (string, bool) {
 	user, _, ok := authenticate(w, r, sessions)
-	if ok && !admins[strings.ToLower(user)] {
+	if ok && !isAdmin(admins, user) {
 		writeError(w, http.StatusForbidden, "admins only")
 		return "", false
 	}
 	return user, ok
 }
+
+// isAdmin reports whether name is one of -admins, in any letter case.
+func isAdmin(admins map[string]bool, name string) bool { return admins[strings.ToLower(name)] }
 
 // handleDeleteMessage deletes a message from storage and from the hub's
 // replays, and tells everyone connected.
@@ -63,7 +66,7 @@ func handleBan(store *Store, sessions *Sessions, hub *Hub, admins map[string]boo
 		case errors.Is(err, ErrNotFound):
 			writeError(w, http.StatusNotFound, "no such user")
 			return
-		case err == nil && banning && admins[strings.ToLower(name)]:
+		case err == nil && banning && isAdmin(admins, name):
 			writeError(w, http.StatusForbidden, "an admin cannot be banned")
 			return
 		case err == nil:
