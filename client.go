@@ -1,11 +1,7 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"errors"
-	"io"
-	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -15,13 +11,10 @@ import (
 )
 
 const (
-	maxFrameBytes = 64 << 10 // a larger incoming frame closes the socket with 1009
 	// maxQueueBytes bounds what waits for one client: a burst of thousands
 	// of messages fits; a client that stopped reading while others talk
 	// reaches it and is dropped.
 	maxQueueBytes = 4 << 20
-	writeTimeout  = 5 * time.Second // a write blocked this long means a stalled client
-	closeGrace    = 2 * time.Second // how long a closed socket waits for the peer's answer
 	probeTimeout  = 5 * time.Second // how long a probed peer has to answer a ping
 )
 
@@ -32,6 +25,10 @@ type client struct {
 	user    string
 	key     string // user in lower case: names are unique in any case
 	session string
+
+	// Owned by the hub goroutine.
+	inRoom  bool      // its handshake succeeded and the room knows it
+	typedAt time.Time // its last typing event that went out
 
 	mu     sync.Mutex
 	queue  [][]byte      // frames waiting for the write pump; shared, never changed
@@ -63,15 +60,20 @@ func (c *client) enqueue(frame []byte) bool {
 }
 
 // close makes the write pump send what is queued and then a close frame
-// with code; a dropped client's backlog is discarded instead.
+// with code.
 func (c *client) close(code int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.code = code
-	if code == closePolicyViolation {
-		c.queue, c.queued = nil, 0
-	}
 	c.signal()
+}
+
+// discardQueue forgets what waits: a client too slow to read it gets its
+// close frame without it.
+func (c *client) discardQueue() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.queue, c.queued = nil, 0
 }
 
 func (c *client) signal() {
@@ -103,8 +105,9 @@ func (c *client) take() ([][]byte, int, bool) {
 }
 
 // writePump writes everything queued in one write, pings every interval,
-// and ends after the close frame or a failed write.
-func (c *client) writePump(conn *socketConn, chat *chat, ping time.Duration) {
+// and ends after the close frame or a failed write. It returns the close
+// code it sent.
+func (c *client) writePump(conn *socketConn, hub *Hub, ping time.Duration) int {
 	ticker := time.NewTicker(ping)
 	defer ticker.Stop()
 	var buf []byte
@@ -118,7 +121,7 @@ func (c *client) writePump(conn *socketConn, chat *chat, ping time.Duration) {
 		frames, code, probe := c.take()
 		if probe {
 			buf = append(buf, pingFrame...)
-			conn.SetReadDeadline(time.Now().Add(probeTimeout)) // the pong moves it back
+			conn.probe(probeTimeout) // the first probe's deadline holds: later 409s do not extend it
 		}
 		for _, f := range frames {
 			buf = append(buf, f...)
@@ -130,8 +133,8 @@ func (c *client) writePump(conn *socketConn, chat *chat, ping time.Duration) {
 		if isTimeout(err) {
 			// Stalled: the others hear it left now; it gets the rest and a
 			// close frame if it starts reading within another timeout.
-			chat.hub.Unregister(c, closePolicyViolation)
-			chat.metrics.Add(`gochat_clients_dropped_total{reason="stalled"}`, 1)
+			hub.send(left{c, closePolicyViolation})
+			hub.metrics.Add(`gochat_clients_dropped_total{reason="stalled"}`, 1)
 			if code == 0 {
 				code, buf = closePolicyViolation, append(buf, closeFrame(closePolicyViolation)...)
 			}
@@ -140,19 +143,18 @@ func (c *client) writePump(conn *socketConn, chat *chat, ping time.Duration) {
 		switch {
 		case err != nil:
 			conn.Close()
-			return
+			return code
 		case code != 0:
 			conn.finish()
-			return
+			return code
 		case cap(buf) > 1<<10:
 			buf = nil // a burst's buffer (the history, say) is not kept by an idle client
 		}
 	}
 }
 
-// readPump reads frames until the socket ends and handles each to the end
-// before reading the next, so acks leave in the order frames came. It
-// returns the code to close the socket with.
+// readPump reads frames until the socket ends, handing each to handle in
+// the order they came. It returns the code to close the socket with.
 func (c *client) readPump(ws *websocket.Conn, handle func(*client, inFrame)) int {
 	for {
 		var f inFrame
@@ -161,7 +163,7 @@ func (c *client) readPump(ws *websocket.Conn, handle func(*client, inFrame)) int
 		case errors.Is(err, websocket.ErrFrameTooLarge):
 			return closeTooBig
 		case isTimeout(err):
-			return closePolicyViolation // silent for two ping intervals
+			return closePolicyViolation // silent for two ping intervals, or a probe unanswered
 		case err != nil:
 			return closeNormal // the peer's close frame, or the connection ended
 		case closeCodeFor(f) != 0:
@@ -177,8 +179,9 @@ func (c *client) readPump(ws *websocket.Conn, handle func(*client, inFrame)) int
 }
 
 // handleWebSocket checks, as plain HTTP with JSON errors, everything that
-// can refuse /ws, then registers the client and serves its socket.
-func handleWebSocket(sessions *Sessions, chat *chat, opens *rateLimiter, origins map[string]bool, ping time.Duration) http.Handler {
+// can refuse /ws, the library's own checks included, then reserves the
+// user's slot and serves the socket.
+func handleWebSocket(sessions *Sessions, reader *chatReader, opens *rateLimiter, origins map[string]bool, ping time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		user, sid, ok := authenticate(w, r, sessions)
 		// Every open is a join and a leave for everyone: limit them per user
@@ -191,144 +194,71 @@ func handleWebSocket(sessions *Sessions, chat *chat, opens *rateLimiter, origins
 			since, ok = parseUint(q.Get("since"))
 			badSince = !ok
 		}
-		switch {
+		hub, c := reader.hub, newClient(user, sid)
+		switch problem := upgradeProblem(r); {
 		case !originAllowed(r, origins):
 			writeError(w, http.StatusForbidden, "origin not allowed")
-		case !isWebSocketUpgrade(r):
-			writeError(w, http.StatusBadRequest, "expected a WebSocket upgrade (HTTP/1.1, version 13)")
+		case problem != "" && r.Method != http.MethodGet:
+			w.Header().Set("Allow", "GET")
+			writeError(w, http.StatusMethodNotAllowed, problem)
+		case problem != "":
+			writeError(w, http.StatusBadRequest, problem)
 		case badSince:
 			writeError(w, http.StatusBadRequest, "since must be a non-negative integer")
 		default:
-			c := newClient(user, sid)
-			if _, ok := sessions.OpenSocket(sid); !ok {
-				writeError(w, http.StatusUnauthorized, "unknown or expired session")
-			} else if err := chat.hub.Register(c, since); err != nil {
-				sessions.CloseSocket(sid)
-				writeError(w, map[error]int{errTaken: http.StatusConflict, errFull: http.StatusServiceUnavailable}[err], err.Error())
-			} else {
-				serveSocket(w, r, c, chat, ping)
+			err := hub.Reserve(c)
+			status := map[error]int{errTaken: http.StatusConflict, errFull: http.StatusServiceUnavailable, errExpired: http.StatusUnauthorized}[err]
+			if err != nil {
+				writeError(w, status, err.Error())
+				return
 			}
+			hj, err := hijack(w, 2*ping)
+			if err != nil {
+				hub.send(left{c, closeNormal})
+				hub.sockets.Done()
+				writeError(w, http.StatusInternalServerError, "cannot take over the connection")
+				return
+			}
+			// Logged here, on net/http's goroutine, which ends next: formatting
+			// a log line grows a goroutine's stack by some KiB, which the
+			// socket's goroutine would then keep for the life of the socket.
+			hub.log.Info("websocket open", "user", user, "client", clientKey(r))
+			go runSocket(hj, r, c, reader, ping, since)
 		}
 	})
 }
 
-// serveSocket takes the connection over from net/http for a registered
-// client and serves the socket on a goroutine of its own. The handler
-// returns at once, so that net/http's goroutine and buffers are freed
-// instead of waiting, for the life of the socket, on a connection that is
-// no longer theirs.
-func serveSocket(w http.ResponseWriter, r *http.Request, c *client, chat *chat, ping time.Duration) {
-	nc, brw, err := http.NewResponseController(w).Hijack()
-	if err != nil {
-		chat.leave(c, closeNormal)
-		chat.hub.sockets.Done()
-		writeError(w, http.StatusInternalServerError, "cannot take over the connection")
-		return
-	}
-	conn := &socketConn{Conn: nc, silence: 2 * ping}
-	// Bytes the HTTP server had already read belong to the socket. A 512-byte
-	// writer holds any control frame whole, so a pong is one write.
-	early, _ := brw.Reader.Peek(brw.Reader.Buffered())
-	rw := bufio.NewReadWriter(bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn), 1024),
-		bufio.NewWriterSize(conn, 512))
-	// Logged here, on net/http's goroutine, which ends next: formatting a
-	// log line grows a goroutine's stack by some KiB, which the socket's
-	// goroutine would then keep for the life of the socket.
-	chat.log.Info("websocket open", "user", c.user, "client", clientKey(r))
-	go runSocket(hijacked{conn, rw}, r, c, chat, ping)
-}
-
-// runSocket completes the handshake and runs the socket's pumps until it
-// ends: the reader on this goroutine, the write pump on another.
-func runSocket(hj hijacked, r *http.Request, c *client, chat *chat, ping time.Duration) {
-	defer chat.hub.sockets.Done()
-	served, code := false, closeNormal
+// runSocket completes the handshake, enters the room and runs the socket's
+// pumps until it ends: the reader on this goroutine, the write pump on
+// another. It runs on a goroutine of its own, so that net/http's goroutine
+// and buffers are freed instead of waiting, for the life of the socket, on
+// a connection that is no longer theirs.
+func runSocket(hj hijacked, r *http.Request, c *client, reader *chatReader, ping time.Duration, since int64) {
+	hub := reader.hub
+	defer hub.sockets.Done()
+	served, sent := false, 0
 	websocket.Server{
 		// Subprotocols are not offered; dropping the client's list also keeps
 		// the library from refusing a handshake that names several.
 		Handshake: func(cfg *websocket.Config, _ *http.Request) error { cfg.Protocol = nil; return nil },
 		Handler: func(ws *websocket.Conn) {
 			served, ws.MaxPayloadBytes = true, maxFrameBytes
+			hub.send(joined{c, since})
 			pumped := make(chan struct{})
-			go func() { c.writePump(hj.conn, chat, ping); close(pumped) }()
-			code = c.readPump(ws, chat.handle)
+			go func() { sent = c.writePump(hj.conn, hub, ping); close(pumped) }()
+			code := c.readPump(ws, reader.handle)
 			if code == closePolicyViolation {
-				chat.metrics.Add(`gochat_clients_dropped_total{reason="silent"}`, 1)
+				hub.metrics.Add(`gochat_clients_dropped_total{reason="silent"}`, 1)
 			}
-			chat.leave(c, code)
+			// After its frames, so that others see its last message before
+			// its leave; its close frame follows, so a client that reconnects
+			// the moment it sees it finds its slot free.
+			hub.send(left{c, code})
 			<-pumped
 		},
 	}.ServeHTTP(hj, r)
 	if !served {
-		chat.leave(c, closeNormal)
+		hub.send(left{c, closeNormal}) // the handshake failed: the room never heard of it
 	}
-	chat.log.Info("websocket closed", "user", c.user, "client", clientKey(r), "code", code)
+	hub.log.Info("websocket closed", "user", c.user, "client", clientKey(r), "code", sent)
 }
-
-// leave frees c's session to expire and takes c out of the room after the
-// frames it sent before, so that others see its last message before its
-// leave. Its close frame follows; a client that reconnects the moment it
-// sees it finds its slot free.
-func (ch *chat) leave(c *client, code int) {
-	ch.sessions.CloseSocket(c.session)
-	tell(ch.hub, ch.incoming, publication{from: c, leave: code})
-}
-
-func isWebSocketUpgrade(r *http.Request) bool {
-	return r.ProtoMajor == 1 && strings.EqualFold(r.Header.Get("Upgrade"), "websocket") &&
-		strings.Contains(strings.ToLower(r.Header.Get("Connection")), "upgrade") &&
-		r.Header.Get("Sec-WebSocket-Key") != "" && r.Header.Get("Sec-WebSocket-Version") == "13"
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
-}
-
-// socketConn is the connection under a websocket.Conn. Every write to it,
-// the library's pongs and the write pump's frames, takes mu and has a
-// deadline; every read has one too, so a peer that sends nothing, not even
-// the pong to a ping, is given up on.
-type socketConn struct {
-	net.Conn
-	silence time.Duration
-
-	mu     sync.Mutex
-	closed bool // our close frame is out: nothing may follow it
-}
-
-func (c *socketConn) Read(p []byte) (int, error) {
-	c.Conn.SetReadDeadline(time.Now().Add(c.silence))
-	return c.Conn.Read(p)
-}
-
-func (c *socketConn) Write(p []byte) (int, error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.closed {
-		return 0, net.ErrClosed
-	}
-	c.Conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-	return c.Conn.Write(p)
-}
-
-// finish follows the close frame: nothing more is written, and the peer
-// has closeGrace to answer before the connection is cut.
-func (c *socketConn) finish() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.closed = true
-	time.AfterFunc(closeGrace, func() { c.Conn.Close() })
-}
-
-// hijacked is a connection already taken from net/http, handed to
-// websocket.Server, which only ever asks to take it over.
-type hijacked struct {
-	conn *socketConn
-	rw   *bufio.ReadWriter
-}
-
-func (h hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
-func (h hijacked) Header() http.Header                          { return http.Header{} }
-func (h hijacked) Write(p []byte) (int, error)                  { return 0, http.ErrHijacked }
-func (h hijacked) WriteHeader(int)                              {}

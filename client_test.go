@@ -9,29 +9,34 @@ import (
 
 // FuzzChatText checks the frame handler's parsing: it never panics, refuses
 // with one of the documented codes, and accepts only a non-empty message of
-// at most 300 code points in a one-field object.
+// at most 300 code points, or typing: true, in a one-field object.
 func FuzzChatText(f *testing.F) {
 	for _, seed := range []string{
-		`{"message":"hi"}`, `{"message":""}`, `{"message":5}`, `{"message":"a","b":1}`,
-		`not json`, `{"message":"\ud83d\ude00"}`, `{"message":"\ud800"}`, "{\"message\":\"\xff\"}",
+		`{"message":"hi"}`, `{"message":""}`, `{"message":5}`, `{"message":"a","b":1}`, `{"typing":true}`,
+		`{"typing":false}`, `not json`, `{"message":"\ud83d\ude00"}`, `{"message":"\ud800"}`, "{\"message\":\"\xff\"}",
 	} {
 		f.Add([]byte(seed), false)
 	}
 	f.Add([]byte(`{"message":"hi"}`), true)
+	reader := &chatReader{limit: newRateLimiter(0, 0, time.Now)}
 	f.Fuzz(func(t *testing.T, data []byte, binary bool) {
-		text, refusal := chatText(inFrame{data: data, binary: binary})
-		if refusal != "" {
-			if text != "" || (refusal != "invalid_message" && refusal != "message_too_long") {
-				t.Fatalf("refusal %q with text %q", refusal, text)
-			}
-			return
-		}
-		if binary || text == "" || utf8.RuneCountInString(text) > maxMessageRunes {
-			t.Fatalf("accepted %q (binary %v)", text, binary)
-		}
 		var obj map[string]any
-		if err := json.Unmarshal(data, &obj); err != nil || len(obj) != 1 || obj["message"] != text {
-			t.Fatalf("accepted %q from %q", text, data)
+		wellFormed := !binary && json.Unmarshal(data, &obj) == nil && len(obj) == 1
+		switch e := reader.eventFor(newClient("fuzz", ""), inFrame{data: data, binary: binary}).(type) {
+		case refusal:
+			if e.code != "invalid_message" && e.code != "message_too_long" {
+				t.Fatalf("refusal %q for %q", e.code, data)
+			}
+		case typing:
+			if !wellFormed || obj["typing"] != true {
+				t.Fatalf("typing from %q", data)
+			}
+		case *chatMessage:
+			if !wellFormed || e.text == "" || utf8.RuneCountInString(e.text) > maxMessageRunes || obj["message"] != e.text {
+				t.Fatalf("accepted %q from %q (binary %v)", e.text, data, binary)
+			}
+		default:
+			t.Fatalf("event %T from %q", e, data)
 		}
 	})
 }

@@ -118,12 +118,10 @@ func (s *Store) CreateUser(ctx context.Context, name, key string) error {
 	return nil
 }
 
-// UserByKey returns the name of the user whose key is key, and whether
-// they are banned.
-func (s *Store) UserByKey(ctx context.Context, key string) (name string, banned bool, err error) {
-	err = s.queryRow(ctx, `SELECT username, EXISTS(SELECT 1 FROM bans WHERE bans.username = users.username)
-		FROM users WHERE key_hash = ?`, []any{hashKey(key)}, &name, &banned)
-	return name, banned, err
+// UserByKey returns the name of the user whose key is key.
+func (s *Store) UserByKey(ctx context.Context, key string) (name string, err error) {
+	err = s.queryRow(ctx, `SELECT username FROM users WHERE key_hash = ?`, []any{hashKey(key)}, &name)
+	return name, err
 }
 
 // UserByName returns the registered spelling of name, matched in any case.
@@ -205,23 +203,42 @@ func (s *Store) DeleteMessage(ctx context.Context, id int64) error {
 	return nil
 }
 
-// SetBanned bans or unbans name, in any letter case.
+// SetBanned bans name, in any letter case, deleting their sessions in the
+// same transaction, or lifts the ban.
 func (s *Store) SetBanned(ctx context.Context, name string, banned bool) error {
-	query := `DELETE FROM bans WHERE username = ?`
-	if banned {
-		query = `INSERT OR IGNORE INTO bans(username) VALUES(?)`
-	}
-	if _, err := s.db.ExecContext(ctx, query, name); err != nil {
+	err := s.inTx(func(tx *sql.Tx) error {
+		if !banned {
+			_, err := tx.ExecContext(ctx, `DELETE FROM bans WHERE username = ?`, name)
+			return err
+		}
+		_, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO bans(username) VALUES(?)`, name)
+		if err == nil {
+			_, err = tx.ExecContext(ctx, `DELETE FROM sessions WHERE username = ? COLLATE NOCASE`, name)
+		}
+		return err
+	})
+	if err != nil {
 		return fmt.Errorf("ban: %w", err)
 	}
 	return nil
 }
 
-// Banned reports whether name is banned, in any letter case.
-func (s *Store) Banned(ctx context.Context, name string) (bool, error) {
-	var banned bool
-	err := s.queryRow(ctx, `SELECT EXISTS(SELECT 1 FROM bans WHERE username = ?)`, []any{name}, &banned)
-	return banned, err
+// Bans returns the banned names, in lower case.
+func (s *Store) Bans(ctx context.Context) (map[string]bool, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT lower(username) FROM bans`)
+	if err != nil {
+		return nil, fmt.Errorf("load bans: %w", err)
+	}
+	defer rows.Close()
+	bans := map[string]bool{}
+	for rows.Next() {
+		var name string
+		if err := rows.Scan(&name); err != nil {
+			return nil, fmt.Errorf("load bans: %w", err)
+		}
+		bans[name] = true
+	}
+	return bans, rows.Err()
 }
 
 // LastMessageID returns the highest message id ever handed out, deleted or

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"embed"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -24,21 +23,22 @@ const maxBodyBytes = 4 << 10
 
 // routes returns the server's handler: the API on Go 1.22 method patterns,
 // with the mux's own 404 and 405 answers turned into JSON errors.
-func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, chat *chat, metrics *Metrics, authRate, openRate *rateLimiter) http.Handler {
+func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, reader *chatReader, metrics *Metrics, authRate, openRate *rateLimiter) http.Handler {
+	hub := reader.hub
 	mux := http.NewServeMux()
-	mux.Handle("POST /api/register", limitAuth(authRate, handleRegister(store, metrics, log)))
+	mux.Handle("POST /api/register", limitAuth(authRate, handleRegister(store, sessions, metrics, log)))
 	mux.Handle("POST /api/login", limitAuth(authRate, handleLogin(store, sessions, metrics, log)))
 	mux.Handle("GET /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("POST /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("GET /api/online", handleOnline(sessions, hub))
 	mux.Handle("GET /api/user/{name}", handleUser(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("GET /api/messages", handleMessages(store, sessions, log))
-	mux.Handle("DELETE /api/messages/{id}", handleDeleteMessage(store, sessions, hub, cfg.Admins, log))
+	mux.Handle("DELETE /api/messages/{id}", handleDeleteMessage(sessions, hub, cfg.Admins, log))
 	mux.Handle("POST /api/user/{name}/ban", handleBan(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("DELETE /api/user/{name}/ban", handleBan(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("GET /healthz", handleHealth(store, log))
 	mux.Handle("GET /metrics", handleMetrics(metrics, hub, cfg.TrustedProxies))
-	mux.Handle("GET /ws", handleWebSocket(sessions, chat, openRate, cfg.AllowedOrigins, cfg.PingInterval))
+	mux.Handle("GET /ws", handleWebSocket(sessions, reader, openRate, cfg.AllowedOrigins, cfg.PingInterval))
 	mux.Handle("GET /{$}", handleStatic("index.html"))
 	mux.Handle("GET /app.js", handleStatic("app.js"))
 	mux.Handle("GET /style.css", handleStatic("style.css"))
@@ -125,41 +125,12 @@ func bodyField(w http.ResponseWriter, r *http.Request, name string) (string, boo
 	return value, err == nil
 }
 
-// stringField parses data as exactly one JSON object holding exactly one
-// field, name, once, whose value is a string, with nothing after it.
-func stringField(data []byte, name string) (string, error) {
-	dec := json.NewDecoder(bytes.NewReader(data))
-	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
-		return "", errors.New("not a JSON object")
-	}
-	var value *string
-	for dec.More() {
-		key, _ := dec.Token()
-		var raw json.RawMessage
-		if err := dec.Decode(&raw); err != nil {
-			return "", errors.New("not a JSON object")
-		}
-		var s string
-		if key != name || value != nil || raw[0] != '"' || json.Unmarshal(raw, &s) != nil {
-			return "", fmt.Errorf("want exactly the field %q, once, a string", name)
-		}
-		value = &s
-	}
-	if t, err := dec.Token(); err != nil || t != json.Delim('}') || value == nil {
-		return "", fmt.Errorf("want exactly the field %q, a string", name)
-	}
-	if _, err := dec.Token(); err != io.EOF {
-		return "", errors.New("unexpected data after the JSON object")
-	}
-	return *value, nil
-}
-
 func validUsername(name string) bool {
 	return len(name) >= 1 && len(name) <= 32 && strings.Trim(name,
 		"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") == ""
 }
 
-func handleRegister(store *Store, metrics *Metrics, log *slog.Logger) http.Handler {
+func handleRegister(store *Store, sessions *Sessions, metrics *Metrics, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		name, ok := bodyField(w, r, "username")
 		if !ok {
@@ -174,7 +145,7 @@ func handleRegister(store *Store, metrics *Metrics, log *slog.Logger) http.Handl
 			err = store.CreateUser(r.Context(), name, key)
 		}
 		switch {
-		case errors.Is(err, ErrNameTaken) && refuseBanned(w, r, store, name, log):
+		case errors.Is(err, ErrNameTaken) && refuseBanned(w, sessions, name):
 		case errors.Is(err, ErrNameTaken):
 			writeError(w, http.StatusConflict, "username already taken")
 		case err != nil:
@@ -192,20 +163,19 @@ func handleLogin(store *Store, sessions *Sessions, metrics *Metrics, log *slog.L
 		if !ok {
 			return
 		}
-		user, banned, err := store.UserByKey(r.Context(), key)
-		if errors.Is(err, ErrNotFound) {
-			writeError(w, http.StatusUnauthorized, "unknown key")
-			return
-		}
-		if banned {
-			writeError(w, http.StatusForbidden, "banned")
-			return
-		}
+		user, err := store.UserByKey(r.Context(), key)
 		sid := ""
 		if err == nil {
 			sid, err = sessions.Create(r.Context(), user)
 		}
-		if err != nil {
+		switch {
+		case errors.Is(err, ErrNotFound):
+			writeError(w, http.StatusUnauthorized, "unknown key")
+			return
+		case errors.Is(err, errBanned):
+			writeError(w, http.StatusForbidden, "banned")
+			return
+		case err != nil:
 			internalError(w, log, r, err)
 			return
 		}
@@ -218,13 +188,12 @@ func handleLogin(store *Store, sessions *Sessions, metrics *Metrics, log *slog.L
 func handleLogout(sessions *Sessions, hub *Hub, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if cookie, err := r.Cookie(sessionCookie); err == nil {
-			if user, ok := sessions.Lookup(cookie.Value); ok {
-				hub.Kick(user, cookie.Value, closeNormal)
-			}
+			user, _ := sessions.Lookup(cookie.Value)
 			if err := sessions.Delete(r.Context(), cookie.Value); err != nil {
 				internalError(w, log, r, err)
 				return
 			}
+			hub.Kick(user, cookie.Value, closeNormal)
 		}
 		setSessionCookie(w, r, "", 0)
 		writeJSON(w, http.StatusOK, struct{}{})

@@ -207,26 +207,18 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		return err
 	}
 	defer store.Close()
-	recent, err := store.Messages(ctx, 0, max(cfg.History, cfg.ReplayMax), true)
-	if err != nil {
-		return err
-	}
-	lastID, err := store.LastMessageID(ctx)
-	if err != nil {
-		return err
-	}
-	hub := NewHub(recent, lastID, cfg.History, cfg.ReplayMax, cfg.MaxConns, metrics, log)
 	sessions, err := NewSessions(ctx, cfg.SessionTTL, cfg.now, store)
 	if err != nil {
 		return err
 	}
+	hub, err := NewHub(ctx, cfg, store, sessions, metrics, log)
+	if err != nil {
+		return err
+	}
+	reader := newChatReader(hub, cfg)
 	authRate := newRateLimiter(cfg.AuthRate, cfg.AuthBurst, cfg.now)
-	msgRate := newRateLimiter(cfg.MsgRate, cfg.MsgBurst, cfg.now)
 	openRate := newRateLimiter(cfg.OpenRate, cfg.OpenBurst, cfg.now)
-	chat := &chat{hub: hub, store: store, sessions: sessions, limit: msgRate, now: cfg.now, metrics: metrics, log: log,
-		incoming: make(chan publication, 512)}
-	go chat.storeAndPublish()
-	srv.Handler = routes(cfg, log, store, sessions, hub, chat, metrics, authRate, openRate)
+	srv.Handler = routes(cfg, log, store, sessions, reader, metrics, authRate, openRate)
 
 	bg, stopBackground := context.WithCancel(context.Background())
 	defer stopBackground()
@@ -235,7 +227,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 			log.Error("save sessions", "err", err)
 		}
 		authRate.Sweep()
-		msgRate.Sweep()
+		reader.limit.Sweep()
 		openRate.Sweep()
 	})
 	go every(bg, min(cfg.HistoryKeep/10, cfg.cleanupEvery), func() { deleteOldMessages(bg, cfg, store, hub, log) })

@@ -26,8 +26,8 @@ func admin(w http.ResponseWriter, r *http.Request, sessions *Sessions, admins ma
 func isAdmin(admins map[string]bool, name string) bool { return admins[strings.ToLower(name)] }
 
 // handleDeleteMessage deletes a message from storage and from the hub's
-// replays, and tells everyone connected.
-func handleDeleteMessage(store *Store, sessions *Sessions, hub *Hub, admins map[string]bool, log *slog.Logger) http.Handler {
+// replays, and tells everyone connected, in one step of the hub.
+func handleDeleteMessage(sessions *Sessions, hub *Hub, admins map[string]bool, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		by, ok := admin(w, r, sessions, admins)
 		if !ok {
@@ -36,7 +36,7 @@ func handleDeleteMessage(store *Store, sessions *Sessions, hub *Hub, admins map[
 		id, ok := parseUint(r.PathValue("id"))
 		err := ErrNotFound // an id that is not a number names no message
 		if ok {
-			err = store.DeleteMessage(r.Context(), id)
+			err = hub.DeleteMessage(id)
 		}
 		switch {
 		case errors.Is(err, ErrNotFound):
@@ -44,7 +44,6 @@ func handleDeleteMessage(store *Store, sessions *Sessions, hub *Hub, admins map[
 		case err != nil:
 			internalError(w, log, r, err)
 		default:
-			hub.DeleteMessage(id)
 			log.Info("message deleted", "id", id, "admin", by)
 			w.WriteHeader(http.StatusNoContent)
 		}
@@ -70,10 +69,9 @@ func handleBan(store *Store, sessions *Sessions, hub *Hub, admins map[string]boo
 			writeError(w, http.StatusForbidden, "an admin cannot be banned")
 			return
 		case err == nil:
-			err = store.SetBanned(r.Context(), name, banning)
+			err = sessions.SetBanned(r.Context(), name, banning)
 		}
 		if err == nil && banning {
-			err = sessions.EndUser(r.Context(), name)
 			hub.Kick(name, "", closePolicyViolation)
 		}
 		if err != nil {
@@ -86,12 +84,8 @@ func handleBan(store *Store, sessions *Sessions, hub *Hub, admins map[string]boo
 }
 
 // refuseBanned answers 403 when name is banned, reporting whether it did.
-func refuseBanned(w http.ResponseWriter, r *http.Request, store *Store, name string, log *slog.Logger) bool {
-	banned, err := store.Banned(r.Context(), name)
-	if err != nil {
-		internalError(w, log, r, err)
-		return true
-	}
+func refuseBanned(w http.ResponseWriter, sessions *Sessions, name string) bool {
+	banned := sessions.Banned(name)
 	if banned {
 		writeError(w, http.StatusForbidden, "banned")
 	}

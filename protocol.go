@@ -1,154 +1,159 @@
-// The chat protocol: what a client's frame means and what the server sends
-// back. It has its own file so that changing the protocol means reading one
-// file; client.go moves the bytes and hub.go decides who gets them.
+// The chat protocol: what a client's frame means for the room, and every
+// frame the server sends. Its own file so that changing the protocol means
+// reading one file: client.go moves the bytes, hub.go puts every event in
+// the room's one order, and wsconn.go is the WebSocket library's plumbing.
+//
+// Adding a frame type touches this file and the hub, nothing else:
+//  1. an event type for it below, with its sender method;
+//  2. a case in eventFor that recognises the frame and returns the event;
+//  3. the frame the others get (a func next to eventFrame), if any;
+//  4. a case in Hub.deliver that says what the room does with it.
+//
+// Never hand an event to the hub by another path than the reader's
+// hub.send: one path is what keeps every frame in the order it came.
 
 package main
 
 import (
-	"encoding/binary"
+	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
-	"log/slog"
+	"io"
 	"time"
 	"unicode/utf8"
-
-	"golang.org/x/net/websocket"
 )
 
-const maxMessageRunes = 300
-
-// Opcodes and close codes (RFC 6455, sections 5.2 and 7.4.1).
 const (
-	opText               = 0x1
-	opClose              = 0x8
-	opPing               = 0x9
-	closeNormal          = 1000
-	closeGoingAway       = 1001
-	closeProtocolError   = 1002
-	closeInvalidData     = 1007
-	closePolicyViolation = 1008
-	closeTooBig          = 1009
+	maxMessageRunes = 300
+	typingEvery     = 2 * time.Second // at most one typing event per user this often
 )
 
-// chat is what a socket's reader needs to handle a frame, and the one
-// goroutine (storeAndPublish) that stores messages and hands them to the hub.
-type chat struct {
-	hub      *Hub
-	store    *Store
-	sessions *Sessions
-	limit    *rateLimiter
-	now      func() time.Time
-	metrics  *Metrics
-	log      *slog.Logger
-	incoming chan publication // checked frames and departures, in the order they came
-}
-
-// handle checks a frame and queues it, accepted or refused, for
-// storeAndPublish. The reader does not wait for the commit, so a client
-// may send many frames per disk flush; its acks still leave in frame
-// order, because accepted and refused frames take the same queue.
-func (ch *chat) handle(c *client, f inFrame) {
-	text, refusal := chatText(f)
-	if refusal == "" {
-		if ok, _ := ch.limit.Allow(c.key); !ok {
-			refusal = "rate_limited"
-		}
+// Events born of a client's frame, in the order its reader read them.
+type (
+	// chatMessage is a message to store, broadcast and ack. The hub sets
+	// msg when it stores it.
+	chatMessage struct {
+		from *client
+		text string
+		msg  Message
 	}
-	tell(ch.hub, ch.incoming, publication{from: c, msg: Message{Author: c.user, Text: text}, refusal: refusal})
-}
-
-// storeAndPublish stores the accepted messages of all that waits in
-// incoming, in one transaction (one disk flush for many messages in a busy
-// room), then hands all of it to the hub in its order: ids ascend in
-// broadcast order, and nothing is acked before it is on disk.
-func (ch *chat) storeAndPublish() {
-	for {
-		var batch []publication
-		select {
-		case p := <-ch.incoming:
-			batch = append(batch, p)
-		case <-ch.hub.done:
-			return
-		}
-		for len(batch) < cap(ch.incoming) && len(ch.incoming) > 0 { // all that waits
-			batch = append(batch, <-ch.incoming)
-		}
-		var accepted []*Message
-		now := ch.now()
-		for i := range batch {
-			if batch[i].accepted() {
-				batch[i].msg.Time = now
-				accepted = append(accepted, &batch[i].msg)
-			}
-		}
-		err := ch.store.AddMessages(accepted)
-		if err != nil {
-			ch.log.Error("store messages", "count", len(accepted), "err", err)
-		}
-		for _, p := range batch {
-			if p.accepted() && err != nil {
-				p.refusal = "storage_error"
-			}
-			ch.hub.Publish(p)
-			switch {
-			case p.accepted():
-				ch.metrics.Add("gochat_messages_accepted_total", 1)
-			case p.refusal != "":
-				ch.metrics.Add(fmt.Sprintf(`gochat_messages_refused_total{code="%s"}`, p.refusal), 1)
-			}
-		}
+	// refusal is a frame refused with an error ack's code. Its sender
+	// alone hears of it, in the order of its frames.
+	refusal struct {
+		from *client
+		code string
 	}
+	// typing tells the others that from is typing. Nothing is stored or
+	// acked.
+	typing struct{ from *client }
+)
+
+// clientFrame is an event born of a client's frame. The hub takes a run
+// of them together, storing the messages among them in one transaction.
+type clientFrame interface{ sender() *client }
+
+func (m *chatMessage) sender() *client { return m.from }
+func (r refusal) sender() *client      { return r.from }
+func (t typing) sender() *client       { return t.from }
+
+// chatReader turns what a socket's reader reads into events for the hub.
+type chatReader struct {
+	hub   *Hub
+	limit *rateLimiter // chat messages per user; typing does not count
 }
 
-// chatText checks an incoming frame. It returns the message text, or the
-// code of the error ack to send instead.
-func chatText(f inFrame) (text, refusal string) {
+func newChatReader(hub *Hub, cfg config) *chatReader {
+	return &chatReader{hub: hub, limit: newRateLimiter(cfg.MsgRate, cfg.MsgBurst, cfg.now)}
+}
+
+// handle queues what frame f from c means for the hub. The reader does not
+// wait for the hub, so a client may have many frames in flight; its acks
+// still leave in frame order, because every frame takes the same queue.
+func (cr *chatReader) handle(c *client, f inFrame) { cr.hub.send(cr.eventFor(c, f)) }
+
+// eventFor says what frame f from c means: exactly {"message": "<text>"}
+// with 1 to 300 code points, or {"typing": true}. Anything else is
+// refused.
+func (cr *chatReader) eventFor(c *client, f inFrame) clientFrame {
+	invalid := refusal{c, "invalid_message"}
 	if f.binary {
-		return "", "invalid_message"
+		return invalid
 	}
-	text, err := stringField(f.data, "message")
-	if err != nil || text == "" {
-		return "", "invalid_message"
-	}
-	if utf8.RuneCountInString(text) > maxMessageRunes {
-		return "", "message_too_long"
-	}
-	return text, ""
-}
-
-// inFrame is one received data frame.
-type inFrame struct {
-	data   []byte
-	binary bool
-	opcode byte
-}
-
-// inCodec receives frames of any type, telling which it was.
-var inCodec = websocket.Codec{
-	Unmarshal: func(data []byte, opcode byte, v any) error {
-		*v.(*inFrame) = inFrame{data, opcode != websocket.TextFrame, opcode}
-		return nil
-	},
-}
-
-// closeCodeFor says whether frame breaks the WebSocket protocol itself, as
-// far as the library lets us see: a reserved opcode, a continuation with
-// nothing to continue (the library passes others off as their first
-// fragment's type), or a text frame that is not UTF-8. It returns the close
-// code, or 0.
-func closeCodeFor(f inFrame) int {
+	name, value, err := oneField(f.data)
 	switch {
-	case f.opcode != websocket.TextFrame && f.opcode != websocket.BinaryFrame:
-		return closeProtocolError
-	case f.opcode == websocket.TextFrame && !utf8.Valid(f.data):
-		return closeInvalidData
+	case err != nil:
+		return invalid
+	case name == "typing" && string(value) == "true":
+		return typing{c}
+	case name != "message":
+		return invalid
 	}
-	return 0
+	text, ok := jsonString(value)
+	switch {
+	case !ok || text == "":
+		return invalid
+	case utf8.RuneCountInString(text) > maxMessageRunes:
+		return refusal{c, "message_too_long"}
+	}
+	if ok, _ := cr.limit.Allow(c.key); !ok {
+		return refusal{c, "rate_limited"}
+	}
+	return &chatMessage{from: c, text: text}
 }
 
-// Frames the server sends are framed here rather than by the library, which
-// writes each frame on its own: a broadcast is framed once for all its
-// receivers, and a write pump sends all its queued frames in one write.
+// oneField parses data as exactly one JSON object holding exactly one
+// field, with nothing after it, and returns the field's name and raw value.
+// Strict, for frames and request bodies alike: a repeated or extra field is
+// an error, not something to guess about.
+func oneField(data []byte) (string, json.RawMessage, error) {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return "", nil, errors.New("not a JSON object")
+	}
+	var name string
+	var value json.RawMessage
+	for dec.More() {
+		key, _ := dec.Token()
+		var raw json.RawMessage
+		if err := dec.Decode(&raw); err != nil {
+			return "", nil, errors.New("not a JSON object")
+		}
+		if value != nil {
+			return "", nil, errors.New("want exactly one field")
+		}
+		name, _ = key.(string)
+		value = raw
+	}
+	if t, err := dec.Token(); err != nil || t != json.Delim('}') || value == nil {
+		return "", nil, errors.New("want exactly one field")
+	}
+	if _, err := dec.Token(); err != io.EOF {
+		return "", nil, errors.New("unexpected data after the JSON object")
+	}
+	return name, value, nil
+}
+
+// stringField parses data as exactly {"<name>": "<string>"}.
+func stringField(data []byte, name string) (string, error) {
+	key, value, err := oneField(data)
+	if err != nil {
+		return "", err
+	}
+	s, ok := jsonString(value)
+	if key != name || !ok {
+		return "", fmt.Errorf("want exactly the field %q, once, a string", name)
+	}
+	return s, nil
+}
+
+// jsonString decodes raw when it is a JSON string.
+func jsonString(raw json.RawMessage) (string, bool) {
+	var s string
+	return s, raw[0] == '"' && json.Unmarshal(raw, &s) == nil
+}
+
+// The frames the server sends, each framed once however many receive it.
 
 type messageJSON struct {
 	Message string `json:"message"`
@@ -166,6 +171,7 @@ func toJSON(m Message, history bool) messageJSON {
 
 func messageFrame(m Message, history bool) []byte { return textFrame(mustJSON(toJSON(m, history))) }
 
+// eventFrame is {"event": "join"|"leave"|"typing", "username": user}.
 func eventFrame(event, user string) []byte {
 	return textFrame(mustJSON(map[string]string{"event": event, "username": user}))
 }
@@ -185,28 +191,7 @@ func errorAck(code string) []byte {
 	return textFrame(mustJSON(map[string]any{"status": false, "code": code}))
 }
 
-var (
-	gapFrame  = textFrame([]byte(`{"event":"gap"}`))
-	pingFrame = wsFrame(opPing, nil)
-)
-
-func textFrame(payload []byte) []byte { return wsFrame(opText, payload) }
-
-func closeFrame(code int) []byte {
-	return wsFrame(opClose, binary.BigEndian.AppendUint16(nil, uint16(code)))
-}
-
-// wsFrame frames payload as one unmasked, final server frame.
-func wsFrame(opcode byte, payload []byte) []byte {
-	hdr := []byte{0x80 | opcode, byte(len(payload))}
-	switch n := len(payload); {
-	case n > 0xFFFF:
-		hdr = binary.BigEndian.AppendUint64([]byte{0x80 | opcode, 127}, uint64(n))
-	case n > 125:
-		hdr = binary.BigEndian.AppendUint16([]byte{0x80 | opcode, 126}, uint16(n))
-	}
-	return append(hdr, payload...)
-}
+var gapFrame = textFrame([]byte(`{"event":"gap"}`))
 
 // mustJSON encodes values whose types cannot fail to encode.
 func mustJSON(v any) []byte {

@@ -5,9 +5,11 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"database/sql"
+	"errors"
 	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -20,6 +22,10 @@ import (
 // The map is the truth while the server runs. A new session is also written
 // to the database (only a hash of its id), so that a restart does not log
 // everyone out; last uses are saved in batches, not on every request.
+//
+// Sessions also knows who is banned, so that a login's check of the ban and
+// a ban's ending of sessions are one step under the lock: a login that
+// races a ban either ends with it or is refused.
 type Sessions struct {
 	ttl   time.Duration
 	now   func() time.Time // time.Now, or a clock a test sets
@@ -27,8 +33,12 @@ type Sessions struct {
 
 	mu      sync.Mutex
 	m       map[sessionKey]*session
-	perUser map[string]int // sessions in m by user, so a login need not count them
+	perUser map[string]int  // sessions in m by user, so a login need not count them
+	banned  map[string]bool // by lower-case name
 }
+
+// errBanned is returned by Sessions.Create for a banned user.
+var errBanned = errors.New("banned")
 
 // sessionKey is the SHA-256 of a session id: what the map and the database
 // hold, so that neither a memory dump nor a copy of the database hands out
@@ -48,17 +58,21 @@ func (s *session) expired(now time.Time, ttl time.Duration) bool {
 	return s.sockets == 0 && now.Sub(s.lastUsed) > ttl
 }
 
-// NewSessions returns the sessions saved in store that are still live.
+// NewSessions returns the sessions saved in store that are still live and
+// not of a banned user.
 func NewSessions(ctx context.Context, ttl time.Duration, now func() time.Time, store *Store) (*Sessions, error) {
 	s := &Sessions{ttl: ttl, now: now, store: store, m: make(map[sessionKey]*session), perUser: make(map[string]int)}
 	err := store.LoadSessions(ctx, now().Add(-ttl), func(key sessionKey, user string, lastUsed time.Time) {
 		s.add(key, &session{user: user, lastUsed: lastUsed})
 	})
+	if err == nil {
+		s.banned, err = store.Bans(ctx)
+	}
 	return s, err
 }
 
 // Create starts a session for user and returns its id, saved before
-// Create returns.
+// Create returns. It returns errBanned for a banned user.
 func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 	id, err := randomToken(32)
 	if err != nil {
@@ -69,16 +83,23 @@ func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 		return "", fmt.Errorf("new session: %w", err)
 	}
 	s.mu.Lock()
-	s.add(key, &session{user: user, lastUsed: now})
-	var ended []sessionKey
-	if s.perUser[user] > maxSessionsPerUser {
-		ended = s.trim(user)
+	banned := s.banned[strings.ToLower(user)]
+	ended := []sessionKey{key} // a banned user's new session ends at once
+	if !banned {
+		s.add(key, &session{user: user, lastUsed: now})
+		ended = nil
+		if s.perUser[user] > maxSessionsPerUser {
+			ended = s.trim(user)
+		}
 	}
 	s.mu.Unlock()
 	for _, key := range ended {
 		if err := s.store.DeleteSession(ctx, key); err != nil {
 			return "", fmt.Errorf("end old session: %w", err)
 		}
+	}
+	if banned {
+		return "", errBanned
 	}
 	return id, nil
 }
@@ -147,26 +168,43 @@ func (s *Sessions) use(id string, sockets int) (string, bool) {
 	return sess.user, true
 }
 
-// EndUser ends every session of user.
-func (s *Sessions) EndUser(ctx context.Context, user string) error {
+// SetBanned bans user, ending every session of theirs, or lifts the ban.
+// The database comes first: a ban that fails to reach it leaves the user
+// as they were, rather than banned until the next restart.
+func (s *Sessions) SetBanned(ctx context.Context, user string, banned bool) error {
+	if err := s.store.SetBanned(ctx, user, banned); err != nil {
+		return err
+	}
 	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.banned[strings.ToLower(user)] = banned
 	for key, sess := range s.m {
-		if sess.user == user {
+		if banned && strings.EqualFold(sess.user, user) {
 			s.remove(key)
 		}
 	}
-	s.mu.Unlock()
-	_, err := s.store.db.ExecContext(ctx, `DELETE FROM sessions WHERE username = ?`, user)
-	return err
+	return nil
 }
 
-// Delete ends a session. Unknown ids are ignored.
+// Banned reports whether name is banned, in any letter case.
+func (s *Sessions) Banned(name string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.banned[strings.ToLower(name)]
+}
+
+// Delete ends a session. Unknown ids are ignored. The row goes first: a
+// logout that fails to reach the disk leaves the session working, not
+// ended until the next restart.
 func (s *Sessions) Delete(ctx context.Context, id string) error {
 	key := keyOf(id)
+	if err := s.store.DeleteSession(ctx, key); err != nil {
+		return err
+	}
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	s.remove(key)
-	s.mu.Unlock()
-	return s.store.DeleteSession(ctx, key)
+	return nil
 }
 
 // Save forgets expired sessions, deleting their rows, and saves the last
@@ -219,9 +257,11 @@ func (s *Store) SaveSessionUses(used map[sessionKey]time.Time, cutoff time.Time)
 	})
 }
 
-// LoadSessions calls each for every session last used at or after since.
+// LoadSessions calls each for every session last used at or after since,
+// but those of banned users: a login that raced a ban may have left a row.
 func (s *Store) LoadSessions(ctx context.Context, since time.Time, each func(sessionKey, string, time.Time)) error {
-	rows, err := s.db.QueryContext(ctx, `SELECT key, username, last_used FROM sessions WHERE last_used >= ?`, since.UnixNano())
+	rows, err := s.db.QueryContext(ctx, `SELECT key, username, last_used FROM sessions WHERE last_used >= ?
+		AND NOT EXISTS (SELECT 1 FROM bans WHERE bans.username = sessions.username)`, since.UnixNano())
 	if err != nil {
 		return fmt.Errorf("load sessions: %w", err)
 	}

@@ -1,0 +1,201 @@
+// The WebSocket library's plumbing: taking the connection from net/http,
+// the one lock every write takes, deadlines, server frames, the codec that
+// reads client frames. Its own file so that client.go, protocol.go and
+// hub.go read as the chat itself; nothing here knows what a frame means.
+
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+	"unicode/utf8"
+
+	"golang.org/x/net/websocket"
+)
+
+const (
+	maxFrameBytes = 64 << 10        // a larger incoming frame closes the socket with 1009
+	writeTimeout  = 5 * time.Second // a write blocked this long means a stalled client
+	closeGrace    = 2 * time.Second // how long a closed socket waits for the peer's answer
+)
+
+// Opcodes and close codes (RFC 6455, sections 5.2 and 7.4.1).
+const (
+	opText               = 0x1
+	opClose              = 0x8
+	opPing               = 0x9
+	closeNormal          = 1000
+	closeGoingAway       = 1001
+	closeProtocolError   = 1002
+	closeInvalidData     = 1007
+	closePolicyViolation = 1008
+	closeTooBig          = 1009
+)
+
+// upgradeProblem returns why the library would refuse r's handshake, or "".
+// Checked before the upgrade, so that the refusal has a JSON body and the
+// room never hears of a socket that does not open.
+func upgradeProblem(r *http.Request) string {
+	switch {
+	case r.Method != http.MethodGet: // the GET route also matches HEAD
+		return "a WebSocket opens with GET"
+	case r.ProtoMajor != 1 || !strings.EqualFold(r.Header.Get("Upgrade"), "websocket") ||
+		!strings.Contains(strings.ToLower(r.Header.Get("Connection")), "upgrade") ||
+		r.Header.Get("Sec-WebSocket-Key") == "" || r.Header.Get("Sec-WebSocket-Version") != "13":
+		return "expected a WebSocket upgrade (HTTP/1.1, version 13)"
+	}
+	if _, err := url.ParseRequestURI("ws://" + r.Host + r.URL.RequestURI()); err != nil {
+		return "bad Host header"
+	}
+	return ""
+}
+
+// hijack takes the connection from net/http. Bytes the HTTP server had
+// already read belong to the socket. A 512-byte writer holds any control
+// frame whole, so a pong is one write.
+func hijack(w http.ResponseWriter, silence time.Duration) (hijacked, error) {
+	nc, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		return hijacked{}, err
+	}
+	conn := &socketConn{Conn: nc, silence: silence}
+	early, _ := brw.Reader.Peek(brw.Reader.Buffered())
+	rw := bufio.NewReadWriter(bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn), 1024),
+		bufio.NewWriterSize(conn, 512))
+	return hijacked{conn, rw}, nil
+}
+
+// hijacked is a connection already taken from net/http, handed to
+// websocket.Server, which only ever asks to take it over.
+type hijacked struct {
+	conn *socketConn
+	rw   *bufio.ReadWriter
+}
+
+func (h hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
+func (h hijacked) Header() http.Header                          { return http.Header{} }
+func (h hijacked) Write(p []byte) (int, error)                  { return 0, http.ErrHijacked }
+func (h hijacked) WriteHeader(int)                              {}
+
+// socketConn is the connection under a websocket.Conn. Every write to it,
+// the library's pongs and the write pump's frames, takes mu and has a
+// deadline; every read has one too, so a peer that sends nothing, not even
+// the pong to a ping, is given up on.
+type socketConn struct {
+	net.Conn
+	silence time.Duration
+	probeBy atomic.Int64 // unix nanos: a probed peer must send something by then; 0: no probe
+
+	mu     sync.Mutex
+	closed bool // our close frame is out: nothing may follow it
+}
+
+func (c *socketConn) Read(p []byte) (int, error) {
+	deadline := time.Now().Add(c.silence)
+	if by := c.probeBy.Load(); by != 0 {
+		deadline = time.Unix(0, min(by, deadline.UnixNano()))
+	}
+	c.Conn.SetReadDeadline(deadline)
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.probeBy.Store(0) // the peer is there
+	}
+	return n, err
+}
+
+// probe gives the peer until timeout from now to send something, the pong
+// to a ping the caller sends. A probe already running keeps its deadline.
+func (c *socketConn) probe(timeout time.Duration) {
+	by := time.Now().Add(timeout)
+	if c.probeBy.CompareAndSwap(0, by.UnixNano()) {
+		c.Conn.SetReadDeadline(by)
+	}
+}
+
+func (c *socketConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return 0, net.ErrClosed
+	}
+	c.Conn.SetWriteDeadline(time.Now().Add(writeTimeout))
+	return c.Conn.Write(p)
+}
+
+// finish follows the close frame: nothing more is written, and the peer
+// has closeGrace to answer before the connection is cut.
+func (c *socketConn) finish() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.closed = true
+	time.AfterFunc(closeGrace, func() { c.Conn.Close() })
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// inFrame is one received data frame.
+type inFrame struct {
+	data   []byte
+	binary bool
+	opcode byte
+}
+
+// inCodec receives frames of any type, telling which it was.
+var inCodec = websocket.Codec{
+	Unmarshal: func(data []byte, opcode byte, v any) error {
+		*v.(*inFrame) = inFrame{data, opcode != websocket.TextFrame, opcode}
+		return nil
+	},
+}
+
+// closeCodeFor says whether frame breaks the WebSocket protocol itself, as
+// far as the library lets us see: a reserved opcode, a continuation with
+// nothing to continue (the library passes others off as their first
+// fragment's type), or a text frame that is not UTF-8. It returns the close
+// code, or 0.
+func closeCodeFor(f inFrame) int {
+	switch {
+	case f.opcode != websocket.TextFrame && f.opcode != websocket.BinaryFrame:
+		return closeProtocolError
+	case f.opcode == websocket.TextFrame && !utf8.Valid(f.data):
+		return closeInvalidData
+	}
+	return 0
+}
+
+// Frames the server sends are framed here rather than by the library, which
+// writes each frame on its own: a broadcast is framed once for all its
+// receivers, and a write pump sends all its queued frames in one write.
+
+var pingFrame = wsFrame(opPing, nil)
+
+func textFrame(payload []byte) []byte { return wsFrame(opText, payload) }
+
+func closeFrame(code int) []byte {
+	return wsFrame(opClose, binary.BigEndian.AppendUint16(nil, uint16(code)))
+}
+
+// wsFrame frames payload as one unmasked, final server frame.
+func wsFrame(opcode byte, payload []byte) []byte {
+	hdr := []byte{0x80 | opcode, byte(len(payload))}
+	switch n := len(payload); {
+	case n > 0xFFFF:
+		hdr = binary.BigEndian.AppendUint64([]byte{0x80 | opcode, 127}, uint64(n))
+	case n > 125:
+		hdr = binary.BigEndian.AppendUint16([]byte{0x80 | opcode, 126}, uint16(n))
+	}
+	return append(hdr, payload...)
+}
