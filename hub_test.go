@@ -783,3 +783,253 @@ func TestConflictProbesAVanishedSocket(t *testing.T) {
 	watcher.nextWhere(isEvent("leave", "Commuter"))
 	sendAndAck(t, s.connect(t, cookie), "back")
 }
+
+// sendBurst writes n chat frames in one write, so that the hub takes many
+// of them in one step.
+func (w *wsConn) sendBurst(prefix string, n int) {
+	var burst []byte
+	for i := range n {
+		burst = append(burst, maskedFrame(opText, mustJSON(map[string]string{"message": fmt.Sprint(prefix, i)}))...)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.c.Write(burst)
+}
+
+// crowd fills the room with n users who never read, so that each message
+// takes the hub longer and a race has more room to show.
+func (s *testServer) crowd(t *testing.T, n int) {
+	for i := range n {
+		s.connect(t, s.user(t, fmt.Sprint("crowd", i)))
+	}
+}
+
+// countAcks reads frames until it has seen n acks, and returns their ids.
+func (w *wsConn) countAcks(n int) []int64 {
+	var ids []int64
+	for len(ids) < n {
+		if f := w.next(); f["status"] == true {
+			ids = append(ids, idOf(f))
+		}
+	}
+	return ids
+}
+
+// A moderator deleting each message the moment it can read it: no
+// message reaches anyone after its delete event, and none is replayed.
+func TestDeletedMessagesAreNeverDeliveredAfterTheirDeleteNorReplayed(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-admins", "Boss", "-replay-max", "5000")
+	s.crowd(t, 100)
+	boss := s.user(t, "Boss")
+	watcher := s.connect(t, boss)
+	sender := s.connect(t, s.user(t, "Sender"))
+	watcher.nextWhere(isEvent("join", "Sender"))
+
+	deleted := map[int64]bool{}
+	stop := make(chan struct{})
+	moderated := make(chan struct{})
+	go func() {
+		defer close(moderated)
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			r, err := http.NewRequest("GET", s.url+"/api/messages?limit=1", nil)
+			r.AddCookie(boss)
+			resp, err := http.DefaultClient.Do(r)
+			if err != nil {
+				return // the test failed and stopped the server
+			}
+			var page struct{ Messages []struct{ ID int64 } }
+			json.NewDecoder(resp.Body).Decode(&page)
+			resp.Body.Close()
+			if len(page.Messages) == 1 && !deleted[page.Messages[0].ID] {
+				deleted[page.Messages[0].ID] = true
+				r, _ = http.NewRequest("DELETE", fmt.Sprint(s.url, "/api/messages/", page.Messages[0].ID), nil)
+				r.AddCookie(boss)
+				if resp, err := http.DefaultClient.Do(r); err == nil {
+					resp.Body.Close()
+				}
+			}
+		}
+	}()
+	const rounds, perRound = 12, 300
+	go func() {
+		for i := range rounds {
+			sender.sendBurst(fmt.Sprint("r", i, "-"), perRound)
+		}
+	}()
+	gone := map[int64]bool{}
+	for got := 0; got < rounds*perRound; {
+		f := watcher.next()
+		switch {
+		case f["event"] == "delete":
+			gone[idOf(f)] = true
+		case isChat(f) && gone[idOf(f)]:
+			t.Fatalf("message %d delivered after its delete event", idOf(f))
+		case isChat(f):
+			got++
+		}
+	}
+	close(stop)
+	<-moderated
+	sender.countAcks(rounds * perRound)
+	if len(deleted) == 0 {
+		t.Fatal("the moderator deleted nothing")
+	}
+	replay := s.connect(t, s.user(t, "Replayed"), dialOpts{query: "?since=0"})
+	sendAndAck(t, sender, "the end")
+	for f := replay.next(); f["message"] != "the end"; f = replay.next() {
+		if isChat(f) && deleted[idOf(f)] {
+			t.Fatalf("deleted message %d replayed", idOf(f))
+		}
+	}
+}
+
+// Retention cutting the room to its newest messages while a storm goes on:
+// a replay never holds an id retention deleted, so what follows the gap
+// has no hole.
+func TestRetentionDuringAStormNeverReplaysWhatItDeleted(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-history-max", "50", "-replay-max", "5000")
+	s.crowd(t, 100)
+	cookie := s.user(t, "Replayer")
+	stop := make(chan struct{})
+	var senders sync.WaitGroup
+	for i := range 4 {
+		sender := s.connect(t, s.user(t, fmt.Sprint("Stormy", i)))
+		senders.Add(1)
+		go func() {
+			defer senders.Done()
+			for round := 0; ; round++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				sender.sendBurst(fmt.Sprint("r", round, "-"), 200)
+				sender.countAcks(200)
+			}
+		}()
+	}
+	defer func() { close(stop); senders.Wait() }()
+	for range 30 {
+		ws := s.connect(t, cookie, dialOpts{query: "?since=0"})
+		next := int64(0)
+		for seen := 0; seen < 100; {
+			f := ws.next()
+			if !isChat(f) {
+				continue
+			}
+			if id := idOf(f); next != 0 && id != next {
+				t.Fatalf("replay went from %d to %d: retention's ids came back", next-1, id)
+			}
+			next, seen = idOf(f)+1, seen+1
+		}
+		ws.close()
+	}
+}
+
+// Refused upgrades are refused before anything happens: a JSON error, and
+// no join or leave for anyone.
+func TestRefusedUpgradeIsNeverHeardOf(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	watcher := s.connect(t, s.user(t, "Watcher"))
+	cookie := s.user(t, "Refused")
+	r := s.request(t, "HEAD", "/ws", "", cookie, "Upgrade", "websocket", "Connection", "Upgrade",
+		"Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==", "Sec-WebSocket-Version", "13")
+	if r.status != 405 || r.header.Get("Content-Type") != "application/json" || r.header.Get("Allow") != "GET" {
+		t.Fatalf("HEAD /ws: %d %v", r.status, r.header)
+	}
+	c, err := net.Dial("tcp", s.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET /ws HTTP/1.1\r\nHost: [\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nCookie: session=%s\r\n\r\n", cookie.Value)
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var body map[string]string
+	if json.NewDecoder(resp.Body).Decode(&body); resp.StatusCode != 400 || body["error"] == "" {
+		t.Fatalf("Host: [ got %d %v", resp.StatusCode, body)
+	}
+	other := s.connect(t, s.user(t, "Other"))
+	if f := watcher.nextWhere(func(f map[string]any) bool { return f["event"] != nil }); !isEvent("join", "Other")(f) {
+		t.Fatalf("the room heard %v of a refused upgrade", f)
+	}
+	other.close()
+	s.connect(t, cookie).close() // its slot is free
+}
+
+// A user retrying every fraction of a second while their old socket is
+// silent gets in once the first 409's probe runs out; later 409s do not
+// push it back.
+func TestRetriedConflictsDoNotExtendTheProbe(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	cookie := s.user(t, "Retrier")
+	s.connect(t, cookie) // then never reads or answers again
+	deadline := time.Now().Add(3 * probeTimeout)
+	for {
+		ws, r := s.dialWS(t, cookie, dialOpts{})
+		if ws != nil {
+			ws.close()
+			return
+		}
+		if r.status != 409 || time.Now().After(deadline) {
+			t.Fatalf("retry: %d, still refused after %v", r.status, 3*probeTimeout)
+		}
+		time.Sleep(probeTimeout / 10) // the retry rhythm, not a wait for the server
+	}
+}
+
+// {"typing": true} reaches the others as a typing event, at most once per
+// user per typingEvery, is never stored or acked, and does not count
+// against the message rate limit; acks keep frame order around it.
+func TestTypingReachesTheOthersAtMostEveryTwoSeconds(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-msg-rate", "0.001", "-msg-burst", "2")
+	typist := s.connect(t, s.user(t, "Typist"))
+	watcher := s.connect(t, s.user(t, "Watcher"))
+	typist.nextWhere(isEvent("join", "Watcher"))
+	typist.sendText(`{"typing":true}`)
+	typist.sendText(`{"typing":true}`) // within typingEvery: dropped
+	typist.sendMessage("one")
+	typist.sendText(`{"typing":false}`)
+	typist.sendText(`{"typing":true,"x":1}`)
+	typist.sendMessage("two")
+	for _, want := range []string{"true", "invalid_message", "invalid_message", "true"} {
+		f := typist.next()
+		if got := fmt.Sprint(f["status"]); f["code"] != nil {
+			got = f["code"].(string)
+			if got != want {
+				t.Fatalf("ack %v, want %s", f, want)
+			}
+		} else if got != want {
+			t.Fatalf("ack %v, want %s", f, want)
+		}
+	}
+	if f := watcher.next(); !isEvent("typing", "Typist")(f) {
+		t.Fatalf("watcher got %v, want typing", f)
+	}
+	if f := watcher.next(); f["message"] != "one" {
+		t.Fatalf("watcher got %v, want the first message (one typing event only)", f)
+	}
+	watcher.nextWhere(func(f map[string]any) bool { return f["message"] == "two" })
+	s.clock.Advance(typingEvery)
+	typist.sendText(`{"typing":true}`)
+	if f := watcher.next(); !isEvent("typing", "Typist")(f) {
+		t.Fatalf("watcher got %v after typingEvery, want typing", f)
+	}
+	watcher.sendText(`{"typing":true}`)
+	if f := typist.next(); !isEvent("typing", "Watcher")(f) {
+		t.Fatalf("typist got %v, want typing", f)
+	}
+}

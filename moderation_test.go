@@ -1,9 +1,13 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
+	"maps"
 	"net/http"
 	"path/filepath"
+	"slices"
+	"sync"
 	"testing"
 	"time"
 )
@@ -117,4 +121,152 @@ func TestAdminsBanUsers(t *testing.T) {
 	s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, bobKey), nil).expect(t, 403)
 	s.request(t, "DELETE", "/api/user/Bob/ban", "", boss).expect(t, 200)
 	s.connect(t, s.login(t, bobKey)).close()
+}
+
+// Logins and socket opens racing a ban: after the ban's 200, no session of
+// the user works, however the race went, and none comes back after a
+// restart. Several rounds, since each round is one roll of the dice.
+func TestBanWinsOverRacingLoginsAndSockets(t *testing.T) {
+	t.Parallel()
+	db := filepath.Join(t.TempDir(), "chat.db")
+	s := startServer(t, "-db", db, "-admins", "Boss")
+	boss := s.user(t, "Boss")
+	var cookies []*http.Cookie
+	for round := range 5 {
+		name := fmt.Sprintf("Racer%d", round)
+		key := s.register(t, name)
+		early := s.login(t, key)
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		for range 12 {
+			wg.Add(2)
+			go func() {
+				defer wg.Done()
+				r, err := postJSON(s.url+"/api/login", fmt.Sprintf(`{"key":%q}`, key))
+				if err == nil && r.status == 200 {
+					mu.Lock()
+					cookies = append(cookies, sessionCookieOf(t, r.header))
+					mu.Unlock()
+				}
+			}()
+			go func() {
+				defer wg.Done()
+				if ws, _ := s.dialWS(t, early, dialOpts{}); ws != nil {
+					// Any socket that opened must be closed by the ban.
+					if code := ws.expectClose(10 * time.Second); code != closePolicyViolation && code != closeNormal {
+						t.Errorf("socket of a banned user closed with %d", code)
+					}
+				}
+			}()
+		}
+		s.request(t, "POST", "/api/user/"+name+"/ban", "", boss).expect(t, 200)
+		wg.Wait()
+		cookies = append(cookies, early)
+		checkLockedOut(t, s, cookies)
+		if online := s.request(t, "GET", "/api/online", "", boss).body["online_clients"]; slices.Contains(online.([]any), any(name)) {
+			t.Fatalf("%s still online after the ban: %v", name, online)
+		}
+	}
+	if err := s.stop(); err != nil {
+		t.Fatal(err)
+	}
+	checkLockedOut(t, startServer(t, "-db", db), cookies)
+}
+
+// checkLockedOut fails unless every session in cookies is refused.
+func checkLockedOut(t *testing.T, s *testServer, cookies []*http.Cookie) {
+	t.Helper()
+	for _, c := range cookies {
+		if r := s.request(t, "GET", "/api/user/@me", "", c); r.status != 401 {
+			t.Fatalf("a banned user's session answers %d: %s", r.status, r.raw)
+		}
+		if ws, r := s.dialWS(t, c, dialOpts{}); ws != nil || r.status != 401 {
+			t.Fatalf("a banned user's session opens /ws: %d", r.status)
+		}
+	}
+}
+
+// A kick (a ban, a logout) while the victim's burst is in flight: each of
+// its messages is either stored, acked and seen by others before its
+// leave, or not stored at all; nothing of it comes after the leave.
+func TestNothingOfAKickedClientComesAfterItsLeave(t *testing.T) {
+	t.Parallel()
+	for _, kick := range []string{"ban", "logout"} {
+		t.Run(kick, func(t *testing.T) {
+			t.Parallel()
+			s := startServer(t, "-admins", "Boss")
+			boss := s.user(t, "Boss")
+			victim := s.user(t, "Victim")
+			watcher := s.connect(t, s.user(t, "Watcher"))
+			marker := s.connect(t, s.user(t, "Marker"))
+			ws := s.connect(t, victim)
+			watcher.nextWhere(isEvent("join", "Victim"))
+			var burst []byte
+			for i := range 500 {
+				burst = append(burst, maskedFrame(opText, mustJSON(map[string]string{"message": fmt.Sprint("m", i)}))...)
+			}
+			ws.c.Write(burst)
+			if kick == "ban" {
+				s.request(t, "POST", "/api/user/Victim/ban", "", boss).expect(t, 200)
+			} else {
+				s.request(t, "POST", "/api/logout", "", victim).expect(t, 200)
+			}
+			sendAndAck(t, marker, "after the kick")
+
+			seen := map[int64]bool{}
+			for left := false; ; {
+				f := watcher.next()
+				switch {
+				case isEvent("leave", "Victim")(f):
+					left = true
+				case f["author"] == "Victim" && left:
+					t.Fatalf("message %v after the leave", f["id"])
+				case f["author"] == "Victim":
+					seen[idOf(f)] = true
+				}
+				if f["message"] == "after the kick" {
+					if !left {
+						t.Fatal("no leave before the marker")
+					}
+					break
+				}
+			}
+			acked := map[int64]bool{}
+			for {
+				op, payload, err := ws.readFrame(10 * time.Second)
+				if err != nil || op == opClose {
+					break
+				}
+				var ack map[string]any
+				if json.Unmarshal(payload, &ack) == nil && ack["status"] == true {
+					acked[idOf(ack)] = true
+				}
+			}
+			stored := map[int64]bool{}
+			for _, m := range s.allMessages(t, boss) {
+				if m["author"] == "Victim" {
+					stored[idOf(m)] = true
+				}
+			}
+			t.Logf("%d of 500 stored before the kick", len(stored))
+			if !maps.Equal(seen, stored) || !maps.Equal(acked, stored) {
+				t.Fatalf("stored %d, seen before the leave %d, acked %d", len(stored), len(seen), len(acked))
+			}
+		})
+	}
+}
+
+// allMessages pages through /api/messages, newest first.
+func (s *testServer) allMessages(t *testing.T, cookie *http.Cookie) []map[string]any {
+	var all []map[string]any
+	for before := ""; ; {
+		page := s.request(t, "GET", "/api/messages?limit=100"+before, "", cookie).expect(t, 200).body["messages"].([]any)
+		if len(page) == 0 {
+			return all
+		}
+		for i := len(page) - 1; i >= 0; i-- {
+			all = append(all, page[i].(map[string]any))
+		}
+		before = fmt.Sprint("&before=", idOf(all[len(all)-1]))
+	}
 }
