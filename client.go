@@ -206,7 +206,8 @@ func handleWebSocket(sessions *Sessions, reader *chatReader, opens *rateLimiter,
 		case badSince:
 			writeError(w, http.StatusBadRequest, "since must be a non-negative integer")
 		default:
-			err := hub.Reserve(c)
+			slot := reserve{c, make(chan error, 1)}
+			err := hub.ask(slot, slot.result)
 			status := map[error]int{errTaken: http.StatusConflict, errFull: http.StatusServiceUnavailable, errExpired: http.StatusUnauthorized}[err]
 			if err != nil {
 				writeError(w, status, err.Error())

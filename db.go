@@ -53,7 +53,7 @@ type Message struct {
 	Author  string
 	Text    string
 	Time    time.Time
-	Deleted bool // by a moderator; the hub keeps its place so replays see no hole
+	Deleted bool // a tombstone: its id stays taken, so a replay across it sees no hole
 }
 
 // Store is the SQLite database. Every write commits with synchronous=FULL
@@ -247,10 +247,22 @@ func (s *Store) LastMessageID(ctx context.Context) (int64, error) {
 	return s.queryID(ctx, `SELECT seq FROM sqlite_sequence WHERE name = 'messages'`)
 }
 
-// LastMessageBefore returns the id of the newest message older than t, or 0.
-// (Ids and times ascend together, and the index on time finds it at once.)
-func (s *Store) LastMessageBefore(ctx context.Context, t time.Time) (int64, error) {
-	return s.queryID(ctx, `SELECT id FROM messages WHERE created_at < ? ORDER BY created_at DESC LIMIT 1`, t.UnixNano())
+// retireBatch is how many messages one Retire deletes at most, so that
+// the hub, which waits for it, is not held up for long.
+const retireBatch = 500
+
+// Retire deletes up to retireBatch of the messages older than before and
+// beyond the newest keep ids (ids ascend without holes but those retention
+// made), oldest first, and returns how many it deleted.
+func (s *Store) Retire(before time.Time, keep int) (int64, error) {
+	res, err := s.db.Exec(`DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE id <= max(
+		coalesce((SELECT id FROM messages WHERE created_at < ? ORDER BY created_at DESC LIMIT 1), 0),
+		coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0) - ?) ORDER BY id LIMIT ?)`,
+		before.UnixNano(), keep, retireBatch)
+	if err != nil {
+		return 0, fmt.Errorf("delete old messages: %w", err)
+	}
+	return res.RowsAffected()
 }
 
 // queryID returns the one id query finds, or 0.
@@ -262,15 +274,15 @@ func (s *Store) queryID(ctx context.Context, query string, args ...any) (int64, 
 	return id, nil
 }
 
-// Messages returns up to limit stored messages with id < before (any id when
-// before is 0), oldest first. Deleted ones are left out, unless tombstones
-// is true: then they come with Deleted set.
-func (s *Store) Messages(ctx context.Context, before int64, limit int, tombstones bool) ([]Message, error) {
+// Messages returns the newest limit stored messages with after < id <
+// before (no upper bound when before is 0), oldest first. Deleted ones are
+// left out, unless tombstones is true: then they come with Deleted set.
+func (s *Store) Messages(ctx context.Context, after, before int64, limit int, tombstones bool) ([]Message, error) {
 	if before <= 0 {
 		before = 1<<63 - 1
 	}
 	rows, err := s.db.QueryContext(ctx, `SELECT id, author, body, created_at FROM messages
-		WHERE id < ? AND (? OR author != '') ORDER BY id DESC LIMIT ?`, before, tombstones, limit)
+		WHERE id > ? AND id < ? AND (? OR author != '') ORDER BY id DESC LIMIT ?`, after, before, tombstones, limit)
 	if err != nil {
 		return nil, fmt.Errorf("query messages: %w", err)
 	}
@@ -287,21 +299,4 @@ func (s *Store) Messages(ctx context.Context, before int64, limit int, tombstone
 	}
 	slices.Reverse(msgs)
 	return msgs, rows.Err()
-}
-
-// DeleteMessagesThrough deletes the messages with id <= id, 500 per
-// statement, so that other writes wait for one short batch at most.
-func (s *Store) DeleteMessagesThrough(ctx context.Context, id int64) (int64, error) {
-	var total int64
-	for {
-		res, err := s.db.ExecContext(ctx, `DELETE FROM messages WHERE id IN
-			(SELECT id FROM messages WHERE id <= ? ORDER BY id LIMIT 500)`, id)
-		if err != nil {
-			return total, fmt.Errorf("delete old messages: %w", err)
-		}
-		n, _ := res.RowsAffected()
-		if total += n; n < 500 {
-			return total, nil
-		}
-	}
 }

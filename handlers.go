@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
 	"embed"
 	"errors"
 	"fmt"
@@ -140,10 +141,8 @@ func handleRegister(store *Store, sessions *Sessions, metrics *Metrics, log *slo
 			writeError(w, http.StatusBadRequest, "username must be 1 to 32 ASCII letters or digits")
 			return
 		}
-		key, err := randomToken(43)
-		if err == nil {
-			err = store.CreateUser(r.Context(), name, key)
-		}
+		key := rand.Text() + rand.Text() // 52 characters, 260 random bits
+		err := store.CreateUser(r.Context(), name, key)
 		switch {
 		case errors.Is(err, ErrNameTaken) && refuseBanned(w, sessions, name):
 		case errors.Is(err, ErrNameTaken):
@@ -193,7 +192,7 @@ func handleLogout(sessions *Sessions, hub *Hub, log *slog.Logger) http.Handler {
 				internalError(w, log, r, err)
 				return
 			}
-			hub.Kick(user, cookie.Value, closeNormal)
+			hub.send(kick{user, cookie.Value, closeNormal})
 		}
 		setSessionCookie(w, r, "", 0)
 		writeJSON(w, http.StatusOK, struct{}{})
@@ -242,7 +241,7 @@ func handleMessages(store *Store, sessions *Sessions, log *slog.Logger) http.Han
 			writeError(w, http.StatusBadRequest, "before must be a positive message id, limit an integer from 1 to 100")
 			return
 		}
-		msgs, err := store.Messages(r.Context(), before, int(limit), false)
+		msgs, err := store.Messages(r.Context(), 0, before, int(limit), false)
 		if err != nil {
 			internalError(w, log, r, err)
 			return

@@ -1,123 +1,104 @@
 package main
 
 import (
-	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
 	"time"
 )
 
-// Hub is the room's one sequencer. Every change to the room is an event
-// on one channel, and the hub's goroutine (run) handles them one at a
-// time, in the order they arrived: a client's frames (protocol.go), its
-// joining and leaving, kicks, deletions, retention. So no two of them can
-// race: a message is stored, acked and broadcast in one step, which no
-// deletion or kick can come between; a client's acks leave in the order
-// of its frames; everyone sees the same order.
+// Hub is the room's one sequencer. Every change to the room is an event on
+// one channel, handled by the hub's goroutine (run) one at a time in the
+// order it arrived, so no two changes can race: a message is stored, acked
+// and broadcast in one step that no deletion or kick can come between, a
+// client's acks leave in the order of its frames, and everyone sees one
+// order. The hub never writes to a socket, only queues frames for write
+// pumps; it does wait for the database, to commit a step's messages.
 //
-// A client leaves the room in one of these ways, each an event handled
-// after everything its reader had queued before:
-//   - it closes, its connection ends, or it breaks the protocol (left,
-//     from its reader);
-//   - it is silent for two ping intervals, or for probeTimeout after a 409
-//     probed it (left, 1008, from its reader);
-//   - its write stalls for writeTimeout (left, 1008, from its write pump);
-//   - its queue passes maxQueueBytes (dropped by the hub, 1008);
-//   - its session logs out (kick, 1000) or its user is banned (kick, 1008);
-//   - the server shuts down (shutdown, 1001).
+// A client leaves the room, after everything its reader queued before:
+//   - when it closes, its connection ends or it breaks the protocol (left);
+//   - silent for two ping intervals, or for probeTimeout after a 409 probed
+//     it (left, 1008, from its reader);
+//   - when its write stalls for writeTimeout (left, 1008, from its pump);
+//   - when its queue passes maxQueueBytes (dropped by the hub, 1008);
+//   - when its session logs out (kick, 1000) or its user is banned (kick,
+//     1008);
+//   - when the server shuts down (shutdown, 1001).
 //
-// Frames a client sent that reach the hub after it left are dropped: not
-// stored, not acked, not broadcast.
-//
-// The hub never writes to a socket: it queues frames for clients, whose
-// write pumps do the writing. It does wait for the database, to commit the
-// messages of each step in one transaction before delivering them.
+// Its frames that reach the hub after that are dropped: not stored, acked
+// or broadcast.
 type Hub struct {
 	events  chan event
 	done    chan struct{}
 	sockets sync.WaitGroup // one per reserved client, until its socket ends
 
-	store     *Store
-	sessions  *Sessions
-	now       func() time.Time
-	metrics   *Metrics
-	log       *slog.Logger
-	history   int // messages replayed to a plain connect
-	replayMax int // messages replayed to a connect with ?since=
-	maxConns  int
+	store                        *Store
+	sessions                     *Sessions
+	now                          func() time.Time
+	metrics                      *Metrics
+	log                          *slog.Logger
+	history, replayMax, maxConns int // messages replayed to a plain connect, to ?since=; sockets
 
 	// Owned by the hub goroutine.
 	clients map[string]*client // by lower-case user name: reserved or in the room
-	recent  []Message          // newest stored messages, ascending id
 	lastID  int64              // highest message id ever stored
 	slow    []*client          // queue full: dropped at the end of the step
 }
 
-// event is what the hub's channel carries: one of the types below, or one
-// born of a client's frame (clientFrame, protocol.go).
+// event is what the hub's channel carries: one of these, or one born of a
+// client's frame (clientFrame, protocol.go).
 type event any
 
 type (
-	// reserve takes the user's one slot before the upgrade, unseen by the
-	// room, so that a second socket is refused with a 409 body.
-	reserve struct {
+	reserve struct { // the user's one slot, before the upgrade, unseen by the room
 		c      *client
 		result chan error
 	}
-	// joined enters a reserved client into the room once its handshake
-	// succeeded, and queues its replay: the last -history messages when
-	// since < 0, else those after since.
-	joined struct {
+	joined struct { // the handshake succeeded: into the room, with its replay
 		c     *client
-		since int64
+		since int64 // replay after this id; < 0: the last -history messages
 	}
-	// left takes a client out after everything its reader sent before.
 	left struct {
 		c    *client
 		code int
 	}
-	// kick ends the socket of user opened with session, or any of its
-	// sockets when session is "" (a ban).
-	kick struct {
+	kick struct { // a logout (that session's socket) or a ban (session "")
 		user, session string
 		code          int
 	}
-	// deletion wipes a stored message and tells everyone.
 	deletion struct {
 		id     int64
 		result chan error
 	}
-	// forget stops replaying the ids up to through, which retention deletes.
-	forget      struct{ through int64 }
+	retention struct { // deletes up to retireBatch messages older than before or beyond the newest keep
+		before  time.Time
+		keep    int
+		deleted chan int64 // how many; -1: the database failed
+	}
 	onlineQuery chan []string
 	shutdown    struct{ code int }
 )
 
 var (
-	errTaken   = errors.New("user already has an open WebSocket")
-	errFull    = errors.New("too many connections")
-	errExpired = errors.New("unknown or expired session")
+	errTaken    = errors.New("user already has an open WebSocket")
+	errFull     = errors.New("too many connections")
+	errExpired  = errors.New("unknown or expired session")
+	errShutdown = errors.New("shutting down")
 )
 
-// NewHub starts the hub with the newest stored messages for replays.
+// NewHub starts the hub.
 func NewHub(ctx context.Context, cfg config, store *Store, sessions *Sessions, metrics *Metrics, log *slog.Logger) (*Hub, error) {
-	recent, err := store.Messages(ctx, 0, max(cfg.History, cfg.ReplayMax), true)
-	if err != nil {
-		return nil, err
-	}
 	lastID, err := store.LastMessageID(ctx)
 	if err != nil {
 		return nil, err
 	}
 	h := &Hub{events: make(chan event, 2*maxStep), done: make(chan struct{}), store: store, sessions: sessions,
 		now: cfg.now, metrics: metrics, log: log, history: cfg.History, replayMax: cfg.ReplayMax, maxConns: cfg.MaxConns,
-		clients: make(map[string]*client), recent: recent, lastID: lastID}
+		clients: make(map[string]*client), lastID: lastID}
 	go h.run()
 	return h, nil
 }
@@ -160,61 +141,6 @@ func (h *Hub) handle(events []event) bool {
 	return true
 }
 
-// deliver stores the messages among frames in one transaction, then does
-// what each frame means, in order.
-func (h *Hub) deliver(frames []clientFrame) {
-	var msgs []*Message
-	now := h.now()
-	for _, f := range frames {
-		if m, ok := f.(*chatMessage); ok {
-			m.msg = Message{Author: m.from.user, Text: m.text, Time: now}
-			msgs = append(msgs, &m.msg)
-		}
-	}
-	err := h.store.AddMessages(msgs)
-	if err != nil {
-		h.log.Error("store messages", "count", len(msgs), "err", err)
-	}
-	for _, f := range frames {
-		switch f := f.(type) {
-		case *chatMessage:
-			if err != nil {
-				h.refuse(f.from, "storage_error")
-			} else {
-				h.publish(f.from, f.msg)
-			}
-		case refusal:
-			h.refuse(f.from, f.code)
-		case typing:
-			if now.Sub(f.from.typedAt) >= typingEvery {
-				f.from.typedAt = now
-				h.broadcast(eventFrame("typing", f.from.user), f.from)
-			}
-		}
-	}
-	h.dropSlow()
-}
-
-// publish sends a stored message to everyone but its sender, who gets the
-// ack, and keeps it for replays.
-func (h *Hub) publish(from *client, m Message) {
-	h.recent = append(h.recent, m)
-	if keep := max(h.history, h.replayMax); len(h.recent) > 2*keep {
-		// Copying at twice the size keeps appends amortised O(1).
-		h.recent = slices.Clone(h.recent[len(h.recent)-keep:])
-	}
-	h.lastID = m.ID
-	h.metrics.Add("gochat_messages_accepted_total", 1)
-	h.metrics.Add("gochat_deliveries_total", int64(len(h.clients)-1))
-	h.broadcast(messageFrame(m, false), from)
-	h.queue(from, ackFrame(m.ID))
-}
-
-func (h *Hub) refuse(c *client, code string) {
-	h.metrics.Add(fmt.Sprintf(`gochat_messages_refused_total{code="%s"}`, code), 1)
-	h.queue(c, errorAck(code))
-}
-
 // apply handles an event that is not a client's frame. It reports false
 // after a shutdown.
 func (h *Hub) apply(e event) bool {
@@ -231,8 +157,13 @@ func (h *Hub) apply(e event) bool {
 		}
 	case deletion:
 		e.result <- h.delete(e.id)
-	case forget:
-		h.recent = slices.DeleteFunc(h.recent, func(m Message) bool { return m.ID <= e.through })
+	case retention:
+		n, err := h.store.Retire(e.before, e.keep)
+		if err != nil {
+			h.log.Error("retention", "err", err)
+			n = -1
+		}
+		e.deleted <- n
 	case onlineQuery:
 		e <- h.online()
 	case shutdown:
@@ -266,22 +197,27 @@ func (h *Hub) reserve(c *client) error {
 }
 
 // admit lets a reserved client into the room and queues its replay in the
-// same step, so that it misses and repeats nothing. Others hear of the
-// join after it.
+// same step, so that it misses and repeats nothing: the hub is the only
+// writer of messages, so the database holds exactly what was broadcast
+// before. Others hear of the join after it.
 func (h *Hub) admit(c *client, since int64) {
 	if h.clients[c.key] != c {
 		return // kicked before its handshake ended
 	}
 	c.inRoom = true
-	msgs := h.recent[max(0, len(h.recent)-h.history):]
+	after, limit := int64(0), h.history
 	if since >= 0 {
-		i := sort.Search(len(h.recent), func(i int) bool { return h.recent[i].ID > since })
-		msgs = h.recent[max(i, len(h.recent)-h.replayMax):]
-		// Ids have no holes, so one between since and the first replayed
-		// message was deleted or is beyond replayMax.
-		if len(msgs) == 0 && since < h.lastID || len(msgs) > 0 && msgs[0].ID > since+1 {
-			h.queue(c, gapFrame)
-		}
+		after, limit = since, h.replayMax
+	}
+	msgs, err := h.store.Messages(context.Background(), after, 0, limit, since >= 0)
+	if err != nil {
+		h.log.Error("replay", "user", c.user, "err", err)
+	}
+	// Ids have no holes but those retention made (a deleted message keeps
+	// its id as a tombstone), so a hole after since was retention's, or
+	// beyond replayMax.
+	if since >= 0 && (len(msgs) == 0 && since < h.lastID || len(msgs) > 0 && msgs[0].ID > since+1) {
+		h.queue(c, gapFrame)
 	}
 	for _, m := range msgs {
 		if !m.Deleted {
@@ -291,14 +227,11 @@ func (h *Hub) admit(c *client, since int64) {
 	h.broadcast(eventFrame("join", c.user), c)
 }
 
-// delete wipes message id in storage and in the replays, and tells
-// everyone. Its broadcast, if any, went out in an earlier step.
+// delete wipes message id in storage and tells everyone. Its broadcast, if
+// any, went out in an earlier step.
 func (h *Hub) delete(id int64) error {
 	if err := h.store.DeleteMessage(context.Background(), id); err != nil {
 		return err
-	}
-	if i, found := slices.BinarySearchFunc(h.recent, id, func(m Message, id int64) int { return cmp.Compare(m.ID, id) }); found {
-		h.recent[i] = Message{ID: id, Deleted: true}
 	}
 	h.broadcast(deleteFrame(id), nil)
 	return nil
@@ -388,32 +321,14 @@ func (h *Hub) send(e event) bool {
 	}
 }
 
-// Reserve takes the slot of c's user for a socket about to open.
-func (h *Hub) Reserve(c *client) error {
-	r := reserve{c, make(chan error, 1)}
-	if !h.send(r) {
-		return errFull
+// ask puts e, which carries result, on the hub's path and waits for the
+// answer.
+func (h *Hub) ask(e event, result chan error) error {
+	if !h.send(e) {
+		return errShutdown
 	}
-	return <-r.result
+	return <-result
 }
-
-// Kick closes user's socket with code, if it was opened with session (any
-// session when it is "").
-func (h *Hub) Kick(user, session string, code int) { h.send(kick{user, session, code}) }
-
-// DeleteMessage wipes message id and tells everyone it is gone. It returns
-// ErrNotFound when there is no such message.
-func (h *Hub) DeleteMessage(id int64) error {
-	d := deletion{id, make(chan error, 1)}
-	if !h.send(d) {
-		return errors.New("shutting down")
-	}
-	return <-d.result
-}
-
-// Forget stops replaying messages with id <= through, which retention
-// then deletes.
-func (h *Hub) Forget(through int64) { h.send(forget{through}) }
 
 // Online returns the names of the users in the room, sorted.
 func (h *Hub) Online() []string {

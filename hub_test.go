@@ -579,7 +579,8 @@ func BenchmarkBroadcast(b *testing.B) {
 				peer, err2 := net.Dial("tcp", ln.Addr().String())
 				nc, err3 := ln.Accept()
 				c := newClient(name, sid)
-				if err := errors.Join(err, err2, err3, h.Reserve(c)); err != nil {
+				r := reserve{c, make(chan error, 1)}
+				if err := errors.Join(err, err2, err3, h.ask(r, r.result)); err != nil {
 					b.Fatal(err)
 				}
 				b.Cleanup(func() { nc.Close(); peer.Close() })

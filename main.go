@@ -230,7 +230,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		reader.limit.Sweep()
 		openRate.Sweep()
 	})
-	go every(bg, min(cfg.HistoryKeep/10, cfg.cleanupEvery), func() { deleteOldMessages(bg, cfg, store, hub, log) })
+	go every(bg, min(cfg.HistoryKeep/10, cfg.cleanupEvery), func() { deleteOldMessages(bg, cfg, hub, log) })
 
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
@@ -262,22 +262,19 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 }
 
 // deleteOldMessages deletes messages older than -history-keep and beyond
-// the newest -history-max. The hub forgets them first, so that it never
-// replays what the database lost.
-func deleteOldMessages(ctx context.Context, cfg config, store *Store, hub *Hub, log *slog.Logger) {
-	old, err := store.LastMessageBefore(ctx, cfg.now().Add(-cfg.HistoryKeep))
-	last, err2 := store.LastMessageID(ctx)
-	// Ids ascend without holes but those retention made, so the newest
-	// -history-max messages are the ids above last - HistoryMax.
-	if id := max(old, last-int64(cfg.HistoryMax)); id > 0 && err == nil && err2 == nil {
-		hub.Forget(id)
-		var n int64
-		if n, err = store.DeleteMessagesThrough(ctx, id); n > 0 {
-			log.Info("retention deleted old messages", "count", n)
+// the newest -history-max, a batch per step of the hub, which replays from
+// the database.
+func deleteOldMessages(ctx context.Context, cfg config, hub *Hub, log *slog.Logger) {
+	var total int64
+	for n := int64(retireBatch); n == retireBatch && ctx.Err() == nil; total += n {
+		r := retention{cfg.now().Add(-cfg.HistoryKeep), cfg.HistoryMax, make(chan int64, 1)}
+		if !hub.send(r) {
+			return
 		}
+		n = max(<-r.deleted, 0)
 	}
-	if err = errors.Join(err, err2); err != nil && ctx.Err() == nil {
-		log.Error("retention", "err", err)
+	if total > 0 {
+		log.Info("retention deleted old messages", "count", total)
 	}
 }
 

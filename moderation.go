@@ -36,7 +36,8 @@ func handleDeleteMessage(sessions *Sessions, hub *Hub, admins map[string]bool, l
 		id, ok := parseUint(r.PathValue("id"))
 		err := ErrNotFound // an id that is not a number names no message
 		if ok {
-			err = hub.DeleteMessage(id)
+			d := deletion{id, make(chan error, 1)}
+			err = hub.ask(d, d.result)
 		}
 		switch {
 		case errors.Is(err, ErrNotFound):
@@ -72,7 +73,7 @@ func handleBan(store *Store, sessions *Sessions, hub *Hub, admins map[string]boo
 			err = sessions.SetBanned(r.Context(), name, banning)
 		}
 		if err == nil && banning {
-			hub.Kick(name, "", closePolicyViolation)
+			hub.send(kick{name, "", closePolicyViolation})
 		}
 		if err != nil {
 			internalError(w, log, r, err)

@@ -7,7 +7,7 @@
 //  1. an event type for it below, with its sender method;
 //  2. a case in eventFor that recognises the frame and returns the event;
 //  3. the frame the others get (a func next to eventFrame), if any;
-//  4. a case in Hub.deliver that says what the room does with it.
+//  4. a case in Hub.deliver (below) that says what the room does with it.
 //
 // Never hand an event to the hub by another path than the reader's
 // hub.send: one path is what keeps every frame in the order it came.
@@ -100,6 +100,56 @@ func (cr *chatReader) eventFor(c *client, f inFrame) clientFrame {
 		return refusal{c, "rate_limited"}
 	}
 	return &chatMessage{from: c, text: text}
+}
+
+// deliver stores the messages among frames in one transaction, then does
+// what each frame means, in order.
+func (h *Hub) deliver(frames []clientFrame) {
+	var msgs []*Message
+	now := h.now()
+	for _, f := range frames {
+		if m, ok := f.(*chatMessage); ok {
+			m.msg = Message{Author: m.from.user, Text: m.text, Time: now}
+			msgs = append(msgs, &m.msg)
+		}
+	}
+	err := h.store.AddMessages(msgs)
+	if err != nil {
+		h.log.Error("store messages", "count", len(msgs), "err", err)
+	}
+	for _, f := range frames {
+		switch f := f.(type) {
+		case *chatMessage:
+			if err != nil {
+				h.refuse(f.from, "storage_error")
+			} else {
+				h.publish(f.from, f.msg)
+			}
+		case refusal:
+			h.refuse(f.from, f.code)
+		case typing:
+			if now.Sub(f.from.typedAt) >= typingEvery {
+				f.from.typedAt = now
+				h.broadcast(eventFrame("typing", f.from.user), f.from)
+			}
+		}
+	}
+	h.dropSlow()
+}
+
+// publish sends a stored message to everyone but its sender, who gets the
+// ack.
+func (h *Hub) publish(from *client, m Message) {
+	h.lastID = m.ID
+	h.metrics.Add("gochat_messages_accepted_total", 1)
+	h.metrics.Add("gochat_deliveries_total", int64(len(h.clients)-1))
+	h.broadcast(messageFrame(m, false), from)
+	h.queue(from, ackFrame(m.ID))
+}
+
+func (h *Hub) refuse(c *client, code string) {
+	h.metrics.Add(fmt.Sprintf(`gochat_messages_refused_total{code="%s"}`, code), 1)
+	h.queue(c, errorAck(code))
 }
 
 // oneField parses data as exactly one JSON object holding exactly one
