@@ -153,9 +153,10 @@ func (c *client) writePump(conn *socketConn, hub *Hub, ping time.Duration) int {
 	}
 }
 
-// readPump reads frames until the socket ends, handing each to handle in
-// the order they came. It returns the code to close the socket with.
-func (c *client) readPump(ws *websocket.Conn, handle func(*client, inFrame)) int {
+// readPump reads frames until the socket ends, handing what each means to
+// the hub in the order they came. It returns the code to close the socket
+// with.
+func (c *client) readPump(ws *websocket.Conn, hub *Hub) int {
 	for {
 		var f inFrame
 		err := inCodec.Receive(ws, &f)
@@ -169,19 +170,14 @@ func (c *client) readPump(ws *websocket.Conn, handle func(*client, inFrame)) int
 		case closeCodeFor(f) != 0:
 			return closeCodeFor(f)
 		}
-		c.mu.Lock()
-		closing := c.code != 0
-		c.mu.Unlock()
-		if !closing {
-			handle(c, f)
-		}
+		hub.send(eventFor(c, f))
 	}
 }
 
 // handleWebSocket checks, as plain HTTP with JSON errors, everything that
 // can refuse /ws, the library's own checks included, then reserves the
 // user's slot and serves the socket.
-func handleWebSocket(sessions *Sessions, reader *chatReader, opens *rateLimiter, origins map[string]bool, ping time.Duration) http.Handler {
+func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins map[string]bool, ping time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		user, sid, ok := authenticate(w, r, sessions)
 		// Every open is a join and a leave for everyone: limit them per user
@@ -194,7 +190,7 @@ func handleWebSocket(sessions *Sessions, reader *chatReader, opens *rateLimiter,
 			since, ok = parseUint(q.Get("since"))
 			badSince = !ok
 		}
-		hub, c := reader.hub, newClient(user, sid)
+		c := newClient(user, sid)
 		switch problem := upgradeProblem(r); {
 		case !originAllowed(r, origins):
 			writeError(w, http.StatusForbidden, "origin not allowed")
@@ -224,7 +220,7 @@ func handleWebSocket(sessions *Sessions, reader *chatReader, opens *rateLimiter,
 			// a log line grows a goroutine's stack by some KiB, which the
 			// socket's goroutine would then keep for the life of the socket.
 			hub.log.Info("websocket open", "user", user, "client", clientKey(r))
-			go runSocket(hj, r, c, reader, ping, since)
+			go runSocket(hj, r, c, hub, ping, since)
 		}
 	})
 }
@@ -234,20 +230,24 @@ func handleWebSocket(sessions *Sessions, reader *chatReader, opens *rateLimiter,
 // another. It runs on a goroutine of its own, so that net/http's goroutine
 // and buffers are freed instead of waiting, for the life of the socket, on
 // a connection that is no longer theirs.
-func runSocket(hj hijacked, r *http.Request, c *client, reader *chatReader, ping time.Duration, since int64) {
-	hub := reader.hub
+func runSocket(hj hijacked, r *http.Request, c *client, hub *Hub, ping time.Duration, since int64) {
 	defer hub.sockets.Done()
 	served, sent := false, 0
 	websocket.Server{
+		// Past the library's checks, before the 101 is written: a client that
+		// reads its 101 is in the room, and so sees every later join.
 		// Subprotocols are not offered; dropping the client's list also keeps
 		// the library from refusing a handshake that names several.
-		Handshake: func(cfg *websocket.Config, _ *http.Request) error { cfg.Protocol = nil; return nil },
+		Handshake: func(cfg *websocket.Config, _ *http.Request) error {
+			cfg.Protocol = nil
+			hub.send(joined{c, since})
+			return nil
+		},
 		Handler: func(ws *websocket.Conn) {
 			served, ws.MaxPayloadBytes = true, maxFrameBytes
-			hub.send(joined{c, since})
 			pumped := make(chan struct{})
 			go func() { sent = c.writePump(hj.conn, hub, ping); close(pumped) }()
-			code := c.readPump(ws, reader.handle)
+			code := c.readPump(ws, hub)
 			if code == closePolicyViolation {
 				hub.metrics.Add(`gochat_clients_dropped_total{reason="silent"}`, 1)
 			}
@@ -259,7 +259,7 @@ func runSocket(hj hijacked, r *http.Request, c *client, reader *chatReader, ping
 		},
 	}.ServeHTTP(hj, r)
 	if !served {
-		hub.send(left{c, closeNormal}) // the handshake failed: the room never heard of it
+		hub.send(left{c, closeNormal}) // the handshake failed
 	}
 	hub.log.Info("websocket closed", "user", c.user, "client", clientKey(r), "code", sent)
 }

@@ -18,11 +18,10 @@ func FuzzChatText(f *testing.F) {
 		f.Add([]byte(seed), false)
 	}
 	f.Add([]byte(`{"message":"hi"}`), true)
-	reader := &chatReader{limit: newRateLimiter(0, 0, time.Now)}
 	f.Fuzz(func(t *testing.T, data []byte, binary bool) {
 		var obj map[string]any
 		wellFormed := !binary && json.Unmarshal(data, &obj) == nil && len(obj) == 1
-		switch e := reader.eventFor(newClient("fuzz", ""), inFrame{data: data, binary: binary}).(type) {
+		switch e := eventFor(newClient("fuzz", ""), inFrame{data: data, binary: binary}).(type) {
 		case refusal:
 			if e.code != "invalid_message" && e.code != "message_too_long" {
 				t.Fatalf("refusal %q for %q", e.code, data)

@@ -24,8 +24,7 @@ const maxBodyBytes = 4 << 10
 
 // routes returns the server's handler: the API on Go 1.22 method patterns,
 // with the mux's own 404 and 405 answers turned into JSON errors.
-func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, reader *chatReader, metrics *Metrics, authRate, openRate *rateLimiter) http.Handler {
-	hub := reader.hub
+func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, metrics *Metrics, authRate, openRate *rateLimiter) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("POST /api/register", limitAuth(authRate, handleRegister(store, sessions, metrics, log)))
 	mux.Handle("POST /api/login", limitAuth(authRate, handleLogin(store, sessions, metrics, log)))
@@ -39,7 +38,7 @@ func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, read
 	mux.Handle("DELETE /api/user/{name}/ban", handleBan(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("GET /healthz", handleHealth(store, log))
 	mux.Handle("GET /metrics", handleMetrics(metrics, hub, cfg.TrustedProxies))
-	mux.Handle("GET /ws", handleWebSocket(sessions, reader, openRate, cfg.AllowedOrigins, cfg.PingInterval))
+	mux.Handle("GET /ws", handleWebSocket(sessions, hub, openRate, cfg.AllowedOrigins, cfg.PingInterval))
 	mux.Handle("GET /{$}", handleStatic("index.html"))
 	mux.Handle("GET /app.js", handleStatic("app.js"))
 	mux.Handle("GET /style.css", handleStatic("style.css"))

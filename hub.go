@@ -37,6 +37,7 @@ type Hub struct {
 	sockets sync.WaitGroup // one per reserved client, until its socket ends
 
 	store                        *Store
+	limit                        *rateLimiter // chat messages per user
 	sessions                     *Sessions
 	now                          func() time.Time
 	metrics                      *Metrics
@@ -97,7 +98,8 @@ func NewHub(ctx context.Context, cfg config, store *Store, sessions *Sessions, m
 		return nil, err
 	}
 	h := &Hub{events: make(chan event, 2*maxStep), done: make(chan struct{}), store: store, sessions: sessions,
-		now: cfg.now, metrics: metrics, log: log, history: cfg.History, replayMax: cfg.ReplayMax, maxConns: cfg.MaxConns,
+		limit: newRateLimiter(cfg.MsgRate, cfg.MsgBurst, cfg.now),
+		now:   cfg.now, metrics: metrics, log: log, history: cfg.History, replayMax: cfg.ReplayMax, maxConns: cfg.MaxConns,
 		clients: make(map[string]*client), lastID: lastID}
 	go h.run()
 	return h, nil

@@ -215,10 +215,9 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	if err != nil {
 		return err
 	}
-	reader := newChatReader(hub, cfg)
 	authRate := newRateLimiter(cfg.AuthRate, cfg.AuthBurst, cfg.now)
 	openRate := newRateLimiter(cfg.OpenRate, cfg.OpenBurst, cfg.now)
-	srv.Handler = routes(cfg, log, store, sessions, reader, metrics, authRate, openRate)
+	srv.Handler = routes(cfg, log, store, sessions, hub, metrics, authRate, openRate)
 
 	bg, stopBackground := context.WithCancel(context.Background())
 	defer stopBackground()
@@ -227,7 +226,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 			log.Error("save sessions", "err", err)
 		}
 		authRate.Sweep()
-		reader.limit.Sweep()
+		hub.limit.Sweep()
 		openRate.Sweep()
 	})
 	go every(bg, min(cfg.HistoryKeep/10, cfg.cleanupEvery), func() { deleteOldMessages(bg, cfg, hub, log) })

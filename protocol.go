@@ -57,25 +57,12 @@ func (m *chatMessage) sender() *client { return m.from }
 func (r refusal) sender() *client      { return r.from }
 func (t typing) sender() *client       { return t.from }
 
-// chatReader turns what a socket's reader reads into events for the hub.
-type chatReader struct {
-	hub   *Hub
-	limit *rateLimiter // chat messages per user; typing does not count
-}
-
-func newChatReader(hub *Hub, cfg config) *chatReader {
-	return &chatReader{hub: hub, limit: newRateLimiter(cfg.MsgRate, cfg.MsgBurst, cfg.now)}
-}
-
-// handle queues what frame f from c means for the hub. The reader does not
-// wait for the hub, so a client may have many frames in flight; its acks
-// still leave in frame order, because every frame takes the same queue.
-func (cr *chatReader) handle(c *client, f inFrame) { cr.hub.send(cr.eventFor(c, f)) }
-
 // eventFor says what frame f from c means: exactly {"message": "<text>"}
 // with 1 to 300 code points, or {"typing": true}. Anything else is
-// refused.
-func (cr *chatReader) eventFor(c *client, f inFrame) clientFrame {
+// refused. The reader hands it to the hub without waiting, so a client may
+// have many frames in flight; its acks still leave in frame order, because
+// every frame takes the same path.
+func eventFor(c *client, f inFrame) clientFrame {
 	invalid := refusal{c, "invalid_message"}
 	if f.binary {
 		return invalid
@@ -96,22 +83,26 @@ func (cr *chatReader) eventFor(c *client, f inFrame) clientFrame {
 	case utf8.RuneCountInString(text) > maxMessageRunes:
 		return refusal{c, "message_too_long"}
 	}
-	if ok, _ := cr.limit.Allow(c.key); !ok {
-		return refusal{c, "rate_limited"}
-	}
 	return &chatMessage{from: c, text: text}
 }
 
-// deliver stores the messages among frames in one transaction, then does
-// what each frame means, in order.
+// deliver refuses the messages among frames that are over their sender's
+// rate, stores the others in one transaction, then does what each frame
+// means, in order.
 func (h *Hub) deliver(frames []clientFrame) {
 	var msgs []*Message
 	now := h.now()
-	for _, f := range frames {
-		if m, ok := f.(*chatMessage); ok {
-			m.msg = Message{Author: m.from.user, Text: m.text, Time: now}
-			msgs = append(msgs, &m.msg)
+	for i, f := range frames {
+		m, ok := f.(*chatMessage)
+		if !ok {
+			continue
 		}
+		if allowed, _ := h.limit.Allow(m.from.key); !allowed { // messages only: typing is not counted
+			frames[i] = refusal{m.from, "rate_limited"}
+			continue
+		}
+		m.msg = Message{Author: m.from.user, Text: m.text, Time: now}
+		msgs = append(msgs, &m.msg)
 	}
 	err := h.store.AddMessages(msgs)
 	if err != nil {
