@@ -336,7 +336,7 @@ func TestStalledReaderDoesNotDelayOthersAndIsDropped(t *testing.T) {
 		}
 	}()
 	text := strings.Repeat("s", 300)
-	const n = 1500 // about 500 KB: far more than the socket buffers hold
+	const n = 800 // about 250 KB: far more than the socket buffers hold
 	go func() {
 		for range n {
 			if sender.writeFrame(opText, mustJSON(map[string]string{"message": text})) != nil {
@@ -363,15 +363,21 @@ func TestStalledReaderDoesNotDelayOthersAndIsDropped(t *testing.T) {
 		}
 		all <- got
 	}()
+	// Once the server gives up on its write (whenever the machine gets
+	// there), the stalled client reads at last: it finds the messages that
+	// fitted in the buffers, then the close frame.
+	for deadline := time.Now().Add(30 * time.Second); !strings.Contains(s.metrics(t), `gochat_clients_dropped_total{reason="stalled"} 1`); {
+		if time.Now().After(deadline) {
+			t.Fatal("the stalled client was never dropped as stalled")
+		}
+	}
+	if code := stalled.expectClose(20 * time.Second); code != closePolicyViolation {
+		t.Fatalf("stalled client closed with %d, want %d", code, closePolicyViolation)
+	}
 	select {
 	case <-left:
 	case <-time.After(30 * time.Second):
 		t.Fatal("no leave event for the stalled client")
-	}
-	// The stalled client, reading at last, finds the messages that fitted
-	// in the buffers and then the close frame.
-	if code := stalled.expectClose(20 * time.Second); code != closePolicyViolation {
-		t.Fatalf("stalled client closed with %d, want %d", code, closePolicyViolation)
 	}
 	if got := <-all; got != n {
 		t.Fatalf("reader got %d of %d messages", got, n)
@@ -380,6 +386,20 @@ func TestStalledReaderDoesNotDelayOthersAndIsDropped(t *testing.T) {
 	if fmt.Sprint(r.body["online_clients"]) != "[Reader Sender]" {
 		t.Fatalf("online after the drop: %s", r.raw)
 	}
+}
+
+// metrics returns the text of /metrics.
+func (s *testServer) metrics(t *testing.T) string {
+	resp, err := http.Get(s.url + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(body)
 }
 
 func TestCloseThenReconnectAtOnce(t *testing.T) {
@@ -463,9 +483,10 @@ func TestShutdownClosesSocketsWithGoingAway(t *testing.T) {
 
 func TestPingsAreSentAndSilentPeersDropped(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, "-ping-interval", "300ms")
-	watcher := s.connect(t, s.user(t, "Watcher"))
-	silent := s.connect(t, s.user(t, "Silent"))
+	s := startServer(t, "-ping-interval", "500ms")
+	// Users first: the watcher answers pings only while it reads.
+	watcherCookie, silentCookie := s.user(t, "Watcher"), s.user(t, "Silent")
+	watcher, silent := s.connect(t, watcherCookie), s.connect(t, silentCookie)
 	watcher.nextWhere(isEvent("join", "Silent"))
 	op, _, err := silent.readFrame(5 * time.Second)
 	if err != nil || op != opPing {
@@ -821,7 +842,7 @@ func (w *wsConn) countAcks(n int) []int64 {
 func TestDeletedMessagesAreNeverDeliveredAfterTheirDeleteNorReplayed(t *testing.T) {
 	t.Parallel()
 	s := startServer(t, "-admins", "Boss", "-replay-max", "5000")
-	s.crowd(t, 100)
+	s.crowd(t, 30)
 	boss := s.user(t, "Boss")
 	watcher := s.connect(t, boss)
 	sender := s.connect(t, s.user(t, "Sender"))
@@ -857,7 +878,7 @@ func TestDeletedMessagesAreNeverDeliveredAfterTheirDeleteNorReplayed(t *testing.
 			}
 		}
 	}()
-	const rounds, perRound = 12, 300
+	const rounds, perRound = 8, 300
 	go func() {
 		for i := range rounds {
 			sender.sendBurst(fmt.Sprint("r", i, "-"), perRound)
@@ -896,11 +917,11 @@ func TestDeletedMessagesAreNeverDeliveredAfterTheirDeleteNorReplayed(t *testing.
 func TestRetentionDuringAStormNeverReplaysWhatItDeleted(t *testing.T) {
 	t.Parallel()
 	s := startServer(t, "-history-max", "50", "-replay-max", "5000")
-	s.crowd(t, 100)
+	s.crowd(t, 30)
 	cookie := s.user(t, "Replayer")
 	stop := make(chan struct{})
 	var senders sync.WaitGroup
-	for i := range 4 {
+	for i := range 2 {
 		sender := s.connect(t, s.user(t, fmt.Sprint("Stormy", i)))
 		senders.Add(1)
 		go func() {
@@ -917,7 +938,7 @@ func TestRetentionDuringAStormNeverReplaysWhatItDeleted(t *testing.T) {
 		}()
 	}
 	defer func() { close(stop); senders.Wait() }()
-	for range 30 {
+	for range 12 {
 		ws := s.connect(t, cookie, dialOpts{query: "?since=0"})
 		next := int64(0)
 		for seen := 0; seen < 100; {

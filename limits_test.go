@@ -114,10 +114,10 @@ func TestMaxConnsRefusesBeforeUpgrade(t *testing.T) {
 
 func TestVanishedClientsAreAnnounced(t *testing.T) {
 	t.Parallel()
-	s := startServer(t, "-ping-interval", "500ms")
-	watcher := s.connect(t, s.user(t, "Watcher"))
-	reset := s.connect(t, s.user(t, "Reset"))
-	silent := s.connect(t, s.user(t, "Silent"))
+	s := startServer(t, "-ping-interval", "1s")
+	// Users first: the watcher answers pings only while it reads.
+	cookies := []*http.Cookie{s.user(t, "Watcher"), s.user(t, "Reset"), s.user(t, "Silent")}
+	watcher, reset, silent := s.connect(t, cookies[0]), s.connect(t, cookies[1]), s.connect(t, cookies[2])
 	watcher.nextWhere(isEvent("join", "Silent"))
 
 	// A TCP reset: the server hears of it at once.

@@ -15,6 +15,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -45,6 +46,15 @@ func TestMain(m *testing.M) {
 		os.Args = append([]string{"gochat"}, args...)
 		main()
 		os.Exit(0)
+	}
+	// Most tests spend their time waiting out the server's timeouts (a
+	// 5 s probe, a stalled write), not using a core: run more of them at
+	// once than the machine has cores, unless -parallel says otherwise.
+	flag.Parse()
+	parallelSet := false
+	flag.Visit(func(f *flag.Flag) { parallelSet = parallelSet || f.Name == "test.parallel" })
+	if !parallelSet {
+		flag.Set("test.parallel", "8")
 	}
 	os.Exit(m.Run())
 }
@@ -289,13 +299,19 @@ func (s *testServer) dialWS(t testing.TB, cookie *http.Cookie, opts dialOpts) (*
 	if opts.tls != nil {
 		c, err = tls.Dial("tcp", s.addr, opts.tls)
 	} else {
-		c, err = net.Dial("tcp", s.addr)
+		// A small receive buffer is set before connecting, so that the
+		// window the peer is offered fits it: set after, the kernel drops
+		// what does not fit and the sender backs off for seconds.
+		d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+			if opts.readBuf > 0 {
+				rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, opts.readBuf) })
+			}
+			return nil
+		}}
+		c, err = d.Dial("tcp", s.addr)
 	}
 	if err != nil {
 		t.Fatal(err)
-	}
-	if opts.readBuf > 0 {
-		c.(*net.TCPConn).SetReadBuffer(opts.readBuf)
 	}
 	nonce := make([]byte, 16)
 	rand.Read(nonce)
