@@ -19,8 +19,7 @@ const (
 )
 
 // client is one user's WebSocket: a queue the hub fills and the write pump
-// drains. The hub never writes to the socket itself, so a slow peer can
-// only ever delay its own frames.
+// drains, so a slow peer only ever delays its own frames.
 type client struct {
 	user    string
 	key     string // user in lower case: names are unique in any case
@@ -42,8 +41,8 @@ func newClient(user, session string) *client {
 	return &client{user: user, key: strings.ToLower(user), session: session, wake: make(chan struct{}, 1)}
 }
 
-// enqueue queues frame for the write pump. It reports false when the queue
-// is full. Frames for a closing client are dropped.
+// enqueue queues frame, reporting false when the queue is full. A closing
+// client's frames are dropped.
 func (c *client) enqueue(frame []byte) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -59,8 +58,7 @@ func (c *client) enqueue(frame []byte) bool {
 	return true
 }
 
-// close makes the write pump send what is queued and then a close frame
-// with code.
+// close makes the write pump send what is queued, then a close frame.
 func (c *client) close(code int) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -68,8 +66,7 @@ func (c *client) close(code int) {
 	c.signal()
 }
 
-// discardQueue forgets what waits: a client too slow to read it gets its
-// close frame without it.
+// discardQueue forgets what waits, for a client too slow to read it.
 func (c *client) discardQueue() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -84,9 +81,9 @@ func (c *client) signal() {
 }
 
 // startProbe makes the write pump ping now and give the peer probeTimeout
-// to answer. A phone that lost its network holds its user's one slot until
-// its silence is noticed; when the user comes back on another connection,
-// that should take seconds, not two ping intervals.
+// to answer: a phone that lost its network holds its user's one slot, and
+// the user coming back on another connection should wait seconds, not two
+// ping intervals.
 func (c *client) startProbe() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -94,8 +91,7 @@ func (c *client) startProbe() {
 	c.signal()
 }
 
-// take empties the queue, returning its frames, the close code and whether
-// to probe.
+// take empties the queue: its frames, the close code, whether to probe.
 func (c *client) take() ([][]byte, int, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -104,9 +100,8 @@ func (c *client) take() ([][]byte, int, bool) {
 	return frames, c.code, probe
 }
 
-// writePump writes everything queued in one write, pings every interval,
-// and ends after the close frame or a failed write. It returns the close
-// code it sent.
+// writePump writes all that is queued in one write, pings every interval,
+// and returns the close code it sent, after it or a failed write.
 func (c *client) writePump(conn *socketConn, hub *Hub, ping time.Duration) int {
 	ticker := time.NewTicker(ping)
 	defer ticker.Stop()
@@ -153,9 +148,8 @@ func (c *client) writePump(conn *socketConn, hub *Hub, ping time.Duration) int {
 	}
 }
 
-// readPump reads frames until the socket ends, handing what each means to
-// the hub in the order they came. It returns the code to close the socket
-// with.
+// readPump hands what each frame means to the hub, in order, until the
+// socket ends, and returns the code to close it with.
 func (c *client) readPump(ws *websocket.Conn, hub *Hub) int {
 	for {
 		var f inFrame
@@ -174,8 +168,8 @@ func (c *client) readPump(ws *websocket.Conn, hub *Hub) int {
 	}
 }
 
-// handleWebSocket checks, as plain HTTP with JSON errors, everything that
-// can refuse /ws, the library's own checks included, then reserves the
+// handleWebSocket checks everything that can refuse /ws, the library's
+// checks included, so that refusals have JSON bodies; then it reserves the
 // user's slot and serves the socket.
 func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins map[string]bool, ping time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -185,10 +179,9 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 		if !ok || !allowed(w, opens, "user "+strings.ToLower(user), "ip "+clientKey(r)) {
 			return
 		}
-		since, badSince := int64(-1), false
+		since, sinceOK := int64(-1), true
 		if q := r.URL.Query(); q.Has("since") {
-			since, ok = parseUint(q.Get("since"))
-			badSince = !ok
+			since, sinceOK = parseUint(q.Get("since"))
 		}
 		c := newClient(user, sid)
 		switch problem := upgradeProblem(r); {
@@ -199,14 +192,13 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 			writeError(w, http.StatusMethodNotAllowed, problem)
 		case problem != "":
 			writeError(w, http.StatusBadRequest, problem)
-		case badSince:
+		case !sinceOK:
 			writeError(w, http.StatusBadRequest, "since must be a non-negative integer")
 		default:
 			slot := reserve{c, make(chan error, 1)}
 			err := hub.ask(slot, slot.result)
-			status := map[error]int{errTaken: http.StatusConflict, errFull: http.StatusServiceUnavailable, errExpired: http.StatusUnauthorized}[err]
 			if err != nil {
-				writeError(w, status, err.Error())
+				writeError(w, reserveStatus[err], err.Error())
 				return
 			}
 			hj, err := hijack(w, 2*ping)
@@ -216,20 +208,20 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 				writeError(w, http.StatusInternalServerError, "cannot take over the connection")
 				return
 			}
-			// Logged here, on net/http's goroutine, which ends next: formatting
-			// a log line grows a goroutine's stack by some KiB, which the
-			// socket's goroutine would then keep for the life of the socket.
+			// Logged on net/http's goroutine, which ends next: a log line grows
+			// a stack by KiB that the socket's goroutine would keep.
 			hub.log.Info("websocket open", "user", user, "client", clientKey(r))
 			go runSocket(hj, r, c, hub, ping, since)
 		}
 	})
 }
 
-// runSocket completes the handshake, enters the room and runs the socket's
-// pumps until it ends: the reader on this goroutine, the write pump on
-// another. It runs on a goroutine of its own, so that net/http's goroutine
-// and buffers are freed instead of waiting, for the life of the socket, on
-// a connection that is no longer theirs.
+var reserveStatus = map[error]int{errTaken: http.StatusConflict, errExpired: http.StatusUnauthorized,
+	errFull: http.StatusServiceUnavailable, errShutdown: http.StatusServiceUnavailable}
+
+// runSocket completes the handshake, enters the room and runs the pumps
+// until the socket ends. Its own goroutine lets net/http's goroutine and
+// buffers go, rather than wait on a connection no longer theirs.
 func runSocket(hj hijacked, r *http.Request, c *client, hub *Hub, ping time.Duration, since int64) {
 	defer hub.sockets.Done()
 	served, sent := false, 0

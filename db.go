@@ -14,16 +14,13 @@ import (
 	_ "modernc.org/sqlite"
 )
 
-// ErrNameTaken is returned by Store.CreateUser when the name is already
-// registered, compared case-insensitively.
-var ErrNameTaken = errors.New("username taken")
+var (
+	ErrNameTaken = errors.New("username taken") // in any letter case
+	ErrNotFound  = errors.New("not found")      // no row matched
+)
 
-// ErrNotFound is returned when a lookup matches no row.
-var ErrNotFound = errors.New("not found")
-
-// schema creates what is missing. Message ids are AUTOINCREMENT so that an
-// id is never handed out twice, even after retention deleted the newest
-// rows; sessions hold only a hash of each id (see sessions.go).
+// schema creates what is missing. Message ids are AUTOINCREMENT: never
+// handed out twice, even after retention deleted the newest rows.
 const schema = `
 CREATE TABLE IF NOT EXISTS users (
 	id         INTEGER PRIMARY KEY,
@@ -57,8 +54,7 @@ type Message struct {
 }
 
 // Store is the SQLite database. Every write commits with synchronous=FULL
-// before it returns, so whatever the server has answered for (a 201, a
-// login, an ack) is on disk before the answer leaves.
+// before it returns: what the server answers for is on disk first.
 type Store struct {
 	db      *sql.DB
 	path    string
@@ -96,16 +92,15 @@ func OpenStore(path string, metrics *Metrics) (*Store, error) {
 // Close closes the database. Later calls do nothing.
 func (s *Store) Close() error { return s.db.Close() }
 
-// hashKey is what the database keeps of a key: a lookup by hash never
-// compares secrets byte by byte, so it takes the same time however close a
-// wrong key is.
+// hashKey is what the database keeps of a key: a lookup by hash takes the
+// same time however close a wrong key is.
 func hashKey(key string) []byte {
 	sum := sha256.Sum256([]byte(key))
 	return sum[:]
 }
 
-// CreateUser stores a new user with the hash of key. It returns ErrNameTaken
-// when the name exists in any letter case.
+// CreateUser stores a new user with the hash of key, or returns
+// ErrNameTaken.
 func (s *Store) CreateUser(ctx context.Context, name, key string) error {
 	res, err := s.db.ExecContext(ctx, `INSERT INTO users(username, key_hash, created_at) VALUES(?, ?, ?)
 		ON CONFLICT DO NOTHING`, name, hashKey(key), time.Now().Unix())
@@ -130,8 +125,7 @@ func (s *Store) UserByName(ctx context.Context, name string) (string, error) {
 	return name, err
 }
 
-// queryRow scans the one row query returns into dest, or returns
-// ErrNotFound.
+// queryRow scans the one row query returns into dest, or ErrNotFound.
 func (s *Store) queryRow(ctx context.Context, query string, args []any, dest ...any) error {
 	err := s.db.QueryRowContext(ctx, query, args...).Scan(dest...)
 	if errors.Is(err, sql.ErrNoRows) {
@@ -144,8 +138,7 @@ func (s *Store) queryRow(ctx context.Context, query string, args []any, dest ...
 }
 
 // Check reports whether the database can take a write, to the file that
-// was opened: one deleted or replaced underneath would take writes that
-// vanish with the next restart.
+// was opened: one replaced underneath loses writes at the next restart.
 func (s *Store) Check(ctx context.Context) error {
 	if info, err := os.Stat(s.path); err != nil || !os.SameFile(info, s.file) {
 		return fmt.Errorf("database file %s was deleted or replaced", s.path)
@@ -190,8 +183,7 @@ func (s *Store) inTx(f func(tx *sql.Tx) error) error {
 }
 
 // DeleteMessage wipes message id's author and text, leaving a tombstone
-// that keeps its id taken, so that after a restart the hub's replay still
-// knows it was there. It returns ErrNotFound when there is none.
+// so that replays know it was there, or returns ErrNotFound.
 func (s *Store) DeleteMessage(ctx context.Context, id int64) error {
 	res, err := s.db.ExecContext(ctx, `UPDATE messages SET author = '', body = '' WHERE id = ? AND author != ''`, id)
 	if err != nil {
@@ -203,8 +195,8 @@ func (s *Store) DeleteMessage(ctx context.Context, id int64) error {
 	return nil
 }
 
-// SetBanned bans name, in any letter case, deleting their sessions in the
-// same transaction, or lifts the ban.
+// SetBanned bans name, deleting their sessions in the same transaction,
+// or lifts the ban.
 func (s *Store) SetBanned(ctx context.Context, name string, banned bool) error {
 	err := s.inTx(func(tx *sql.Tx) error {
 		if !banned {
@@ -243,17 +235,16 @@ func (s *Store) Bans(ctx context.Context) (map[string]bool, error) {
 
 // LastMessageID returns the highest message id ever handed out, deleted or
 // not, or 0.
-func (s *Store) LastMessageID(ctx context.Context) (int64, error) {
-	return s.queryID(ctx, `SELECT seq FROM sqlite_sequence WHERE name = 'messages'`)
+func (s *Store) LastMessageID(ctx context.Context) (id int64, err error) {
+	err = s.queryRow(ctx, `SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)`, nil, &id)
+	return id, err
 }
 
-// retireBatch is how many messages one Retire deletes at most, so that
-// the hub, which waits for it, is not held up for long.
+// retireBatch bounds one Retire, for which the hub waits.
 const retireBatch = 500
 
-// Retire deletes up to retireBatch of the messages older than before and
-// beyond the newest keep ids (ids ascend without holes but those retention
-// made), oldest first, and returns how many it deleted.
+// Retire deletes, oldest first, up to retireBatch of the messages older
+// than before or beyond the newest keep ids, and returns how many.
 func (s *Store) Retire(before time.Time, keep int) (int64, error) {
 	res, err := s.db.Exec(`DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE id <= max(
 		coalesce((SELECT id FROM messages WHERE created_at < ? ORDER BY created_at DESC LIMIT 1), 0),
@@ -265,18 +256,8 @@ func (s *Store) Retire(before time.Time, keep int) (int64, error) {
 	return res.RowsAffected()
 }
 
-// queryID returns the one id query finds, or 0.
-func (s *Store) queryID(ctx context.Context, query string, args ...any) (int64, error) {
-	var id int64
-	if err := s.queryRow(ctx, query, args, &id); err != nil && !errors.Is(err, ErrNotFound) {
-		return 0, err
-	}
-	return id, nil
-}
-
-// Messages returns the newest limit stored messages with after < id <
-// before (no upper bound when before is 0), oldest first. Deleted ones are
-// left out, unless tombstones is true: then they come with Deleted set.
+// Messages returns the newest limit messages with after < id < before
+// (0: no bound), oldest first, tombstones only if asked for.
 func (s *Store) Messages(ctx context.Context, after, before int64, limit int, tombstones bool) ([]Message, error) {
 	if before <= 0 {
 		before = 1<<63 - 1

@@ -62,9 +62,8 @@ func (e *errorRewriter) Write(p []byte) (int, error) { return len(p), nil }
 //go:embed web
 var webFiles embed.FS
 
-// handleStatic serves a file of the web client with headers that keep the
-// page to its own origin: scripts, styles, fetches and the WebSocket (named
-// in full, as not every browser counts ws: as 'self').
+// handleStatic serves a file of the web client, kept to its own origin
+// (the WebSocket named in full: not every browser counts ws: as 'self').
 func handleStatic(name string) http.Handler {
 	body, err := webFiles.ReadFile("web/" + name)
 	if err != nil {
@@ -72,10 +71,7 @@ func handleStatic(name string) http.Handler {
 	}
 	modified := time.Now()
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		ws := "ws://" + requestHost(r)
-		if requestScheme(r) == "https" {
-			ws = "wss://" + requestHost(r)
-		}
+		ws := strings.Replace(requestScheme(r), "http", "ws", 1) + "://" + requestHost(r) // ws: or wss:
 		h := w.Header()
 		h.Set("Content-Type", mime.TypeByExtension(path.Ext(name)))
 		h.Set("Content-Security-Policy", "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "+
@@ -104,10 +100,9 @@ func internalError(w http.ResponseWriter, log *slog.Logger, r *http.Request, err
 	writeError(w, http.StatusInternalServerError, "internal error")
 }
 
-// bodyField reads a JSON body of at most maxBodyBytes holding
-// {"<name>": "<string>"} and returns the string, answering 413, 415 or 422
-// itself. Insisting on the JSON media type keeps a plain HTML form on
-// another site (which cannot send it) from posting here.
+// bodyField returns the string of a body {"<name>": "<string>"}, answering
+// 413, 415 or 422 itself. The JSON media type, which a plain HTML form
+// cannot send, keeps other sites' forms from posting here.
 func bodyField(w http.ResponseWriter, r *http.Request, name string) (string, bool) {
 	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
 		writeError(w, http.StatusUnsupportedMediaType, "Content-Type must be application/json")
@@ -143,7 +138,8 @@ func handleRegister(store *Store, sessions *Sessions, metrics *Metrics, log *slo
 		key := rand.Text() + rand.Text() // 52 characters, 260 random bits
 		err := store.CreateUser(r.Context(), name, key)
 		switch {
-		case errors.Is(err, ErrNameTaken) && refuseBanned(w, sessions, name):
+		case errors.Is(err, ErrNameTaken) && sessions.Banned(name):
+			writeError(w, http.StatusForbidden, "banned")
 		case errors.Is(err, ErrNameTaken):
 			writeError(w, http.StatusConflict, "username already taken")
 		case err != nil:
@@ -169,17 +165,15 @@ func handleLogin(store *Store, sessions *Sessions, metrics *Metrics, log *slog.L
 		switch {
 		case errors.Is(err, ErrNotFound):
 			writeError(w, http.StatusUnauthorized, "unknown key")
-			return
 		case errors.Is(err, errBanned):
 			writeError(w, http.StatusForbidden, "banned")
-			return
 		case err != nil:
 			internalError(w, log, r, err)
-			return
+		default:
+			metrics.Add("gochat_logins_total", 1)
+			setSessionCookie(w, r, sid, sessions.ttl)
+			writeJSON(w, http.StatusOK, map[string]string{"username": user})
 		}
-		metrics.Add("gochat_logins_total", 1)
-		setSessionCookie(w, r, sid, sessions.ttl)
-		writeJSON(w, http.StatusOK, map[string]string{"username": user})
 	})
 }
 
@@ -253,8 +247,7 @@ func handleMessages(store *Store, sessions *Sessions, log *slog.Logger) http.Han
 	})
 }
 
-// positiveParam parses query parameter name as an integer in [1, most],
-// returning def when it is absent.
+// positiveParam parses query parameter name in [1, most], or returns def.
 func positiveParam(q url.Values, name string, def, most int64) (int64, bool) {
 	if !q.Has(name) {
 		return def, true
@@ -270,7 +263,7 @@ func parseUint(s string) (int64, bool) {
 }
 
 // handleHealth answers 503 while the database cannot take a write, and
-// logs the first failure of each outage at error level.
+// logs the first failure of each outage.
 func handleHealth(store *Store, log *slog.Logger) http.Handler {
 	var failing atomic.Bool
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

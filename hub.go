@@ -11,13 +11,10 @@ import (
 	"time"
 )
 
-// Hub is the room's one sequencer. Every change to the room is an event on
-// one channel, handled by the hub's goroutine (run) one at a time in the
-// order it arrived, so no two changes can race: a message is stored, acked
-// and broadcast in one step that no deletion or kick can come between, a
-// client's acks leave in the order of its frames, and everyone sees one
-// order. The hub never writes to a socket, only queues frames for write
-// pumps; it does wait for the database, to commit a step's messages.
+// Hub is the room's one sequencer: every change to the room is an event on
+// one channel, applied by one goroutine in arrival order, so no two changes
+// race and everyone sees one order. The hub queues frames for the write
+// pumps and never writes to a socket; it does wait for the database.
 //
 // A client leaves the room, after everything its reader queued before:
 //   - when it closes, its connection ends or it breaks the protocol (left);
@@ -29,8 +26,7 @@ import (
 //     1008);
 //   - when the server shuts down (shutdown, 1001).
 //
-// Its frames that reach the hub after that are dropped: not stored, acked
-// or broadcast.
+// Its frames that reach the hub after that are dropped unseen.
 type Hub struct {
 	events  chan event
 	done    chan struct{}
@@ -50,8 +46,7 @@ type Hub struct {
 	slow    []*client          // queue full: dropped at the end of the step
 }
 
-// event is what the hub's channel carries: one of these, or one born of a
-// client's frame (clientFrame, protocol.go).
+// event is one of these, or a clientFrame (protocol.go).
 type event any
 
 type (
@@ -121,9 +116,9 @@ func (h *Hub) run() {
 	}
 }
 
-// handle handles events in order. A run of client frames is taken
-// together, so that the messages among them share one commit; any other
-// event first finishes that run. It reports false after a shutdown.
+// handle applies events in order; a run of client frames is delivered
+// together, so that its messages share one commit. It reports false after
+// a shutdown.
 func (h *Hub) handle(events []event) bool {
 	var frames []clientFrame
 	for _, e := range events {
@@ -143,8 +138,7 @@ func (h *Hub) handle(events []event) bool {
 	return true
 }
 
-// apply handles an event that is not a client's frame. It reports false
-// after a shutdown.
+// apply applies an event that is not a client's frame.
 func (h *Hub) apply(e event) bool {
 	switch e := e.(type) {
 	case reserve:
@@ -157,8 +151,12 @@ func (h *Hub) apply(e event) bool {
 		if c := h.clients[strings.ToLower(e.user)]; c != nil && (e.session == "" || c.session == e.session) {
 			h.remove(c, e.code)
 		}
-	case deletion:
-		e.result <- h.delete(e.id)
+	case deletion: // after the message's broadcast, in an earlier step
+		err := h.store.DeleteMessage(context.Background(), e.id)
+		if err == nil {
+			h.broadcast(deleteFrame(e.id), nil)
+		}
+		e.result <- err
 	case retention:
 		n, err := h.store.Retire(e.before, e.keep)
 		if err != nil {
@@ -179,9 +177,7 @@ func (h *Hub) apply(e event) bool {
 }
 
 // reserve takes c's user's slot, unless the user has a socket already, the
-// server is full, or c's session ended (a logout or a ban since its
-// request was checked). The session then stays alive while the socket
-// does.
+// server is full, or c's session ended since its request was checked.
 func (h *Hub) reserve(c *client) error {
 	if old := h.clients[c.key]; old != nil {
 		old.startProbe()
@@ -198,10 +194,9 @@ func (h *Hub) reserve(c *client) error {
 	return nil
 }
 
-// admit lets a reserved client into the room and queues its replay in the
-// same step, so that it misses and repeats nothing: the hub is the only
-// writer of messages, so the database holds exactly what was broadcast
-// before. Others hear of the join after it.
+// admit lets a reserved client into the room with its replay, read from
+// the database in the same step: the hub is the only writer of messages,
+// so the client misses and repeats nothing.
 func (h *Hub) admit(c *client, since int64) {
 	if h.clients[c.key] != c {
 		return // kicked before its handshake ended
@@ -215,9 +210,8 @@ func (h *Hub) admit(c *client, since int64) {
 	if err != nil {
 		h.log.Error("replay", "user", c.user, "err", err)
 	}
-	// Ids have no holes but those retention made (a deleted message keeps
-	// its id as a tombstone), so a hole after since was retention's, or
-	// beyond replayMax.
+	// Deleted messages keep their ids as tombstones, so a hole after since
+	// is retention's, or beyond replayMax.
 	if since >= 0 && (len(msgs) == 0 && since < h.lastID || len(msgs) > 0 && msgs[0].ID > since+1) {
 		h.queue(c, gapFrame)
 	}
@@ -227,16 +221,6 @@ func (h *Hub) admit(c *client, since int64) {
 		}
 	}
 	h.broadcast(eventFrame("join", c.user), c)
-}
-
-// delete wipes message id in storage and tells everyone. Its broadcast, if
-// any, went out in an earlier step.
-func (h *Hub) delete(id int64) error {
-	if err := h.store.DeleteMessage(context.Background(), id); err != nil {
-		return err
-	}
-	h.broadcast(deleteFrame(id), nil)
-	return nil
 }
 
 func (h *Hub) online() []string {
@@ -266,9 +250,8 @@ func (h *Hub) broadcast(frame []byte, except *client) {
 	}
 }
 
-// dropSlow drops the clients whose queue filled up in this step. It runs
-// at the end of the step, so that every frame of the step, a slow
-// client's own messages included, comes before its leave.
+// dropSlow drops the clients whose queue filled up, at the end of the
+// step, so that the step's frames, theirs included, come before the leave.
 func (h *Hub) dropSlow() {
 	for len(h.slow) > 0 {
 		c := h.slow[0]
@@ -296,9 +279,8 @@ func (h *Hub) remove(c *client, code int) {
 	}
 }
 
-// closeAll tells everyone that the others are leaving and closes every
-// socket with code. Beyond shutdownLeaveLimit clients that is a frame for
-// too many pairs, and the close frame alone says it.
+// closeAll tells everyone that the others leave, then closes every socket
+// with code. Beyond shutdownLeaveLimit the close frame alone says it.
 func (h *Hub) closeAll(code int) {
 	for _, c := range h.clients {
 		if c.inRoom && len(h.clients) <= shutdownLeaveLimit {
@@ -323,8 +305,7 @@ func (h *Hub) send(e event) bool {
 	}
 }
 
-// ask puts e, which carries result, on the hub's path and waits for the
-// answer.
+// ask sends e, which carries result, and waits for the answer.
 func (h *Hub) ask(e event, result chan error) error {
 	if !h.send(e) {
 		return errShutdown

@@ -1,7 +1,5 @@
-// Abuse limits and what to believe of a request: token buckets keyed by
-// user or client IP, and the client's IP, scheme, host and origin behind a
-// trusted proxy. Its own file because both the HTTP API and the sockets use
-// it and it belongs to neither.
+// Abuse limits and what to believe of a request behind a proxy. Its own
+// file because the HTTP API and the sockets both use it.
 
 package main
 
@@ -19,16 +17,15 @@ import (
 // rateLimiter holds one token bucket per key: burst tokens at most,
 // refilled at rate per second. A rate of 0 turns it off.
 type rateLimiter struct {
-	rate  float64
-	burst float64
-	now   func() time.Time
+	rate, burst float64
+	now         func() time.Time
 
 	mu      sync.Mutex
 	buckets map[string]*bucket
 }
 
-// maxBuckets bounds a limiter's memory (about 100 bytes a bucket) however
-// many addresses a flood comes from.
+// maxBuckets bounds a limiter's memory however many addresses a flood
+// comes from.
 const maxBuckets = 1 << 16
 
 type bucket struct {
@@ -40,8 +37,7 @@ func newRateLimiter(rate float64, burst int, now func() time.Time) *rateLimiter 
 	return &rateLimiter{rate: rate, burst: float64(max(burst, 1)), now: now, buckets: make(map[string]*bucket)}
 }
 
-// Allow takes a token for key. When there is none it reports false and how
-// long until there will be one.
+// Allow takes a token for key, or reports false and how long to wait.
 func (l *rateLimiter) Allow(key string) (bool, time.Duration) {
 	if l.rate <= 0 {
 		return true, 0
@@ -69,8 +65,7 @@ func (l *rateLimiter) Allow(key string) (bool, time.Duration) {
 	return true, 0
 }
 
-// Sweep forgets the buckets that have refilled: they are the same as no
-// bucket at all.
+// Sweep forgets the buckets that have refilled, as good as none.
 func (l *rateLimiter) Sweep() {
 	now := l.now()
 	l.mu.Lock()
@@ -82,8 +77,7 @@ func (l *rateLimiter) Sweep() {
 	}
 }
 
-// limitAuth answers 429 with Retry-After when the client has used up its
-// registrations and logins.
+// limitAuth limits registrations and logins per client.
 func limitAuth(limit *rateLimiter, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if allowed(w, limit, clientKey(r)) {
@@ -105,10 +99,8 @@ func allowed(w http.ResponseWriter, limit *rateLimiter, keys ...string) bool {
 	return true
 }
 
-// clientKey is what the auth limit counts by: the client's IPv4 address, or
-// its IPv6 /64, as one host usually has a whole /64 to pick from. The client
-// is the TCP peer, or the last hop of X-Forwarded-For from a trusted proxy:
-// that hop is the one the proxy itself saw; the rest is the client's word.
+// clientKey is what limits count by: the client's IPv4 address, or its
+// IPv6 /64, as one host usually has a whole /64 to pick from.
 func clientKey(r *http.Request) string {
 	addr := clientAddr(r)
 	if addr.Is6() {
@@ -118,8 +110,9 @@ func clientKey(r *http.Request) string {
 	return addr.String()
 }
 
-// clientAddr is the client's address: the TCP peer, or the last hop of
-// X-Forwarded-For, which only a trusted proxy's requests still carry.
+// clientAddr is the TCP peer, or the last hop of X-Forwarded-For, which
+// only a trusted proxy's requests still carry: the hop the proxy saw; the
+// rest is the client's word.
 func clientAddr(r *http.Request) netip.Addr {
 	if hops := r.Header.Values("X-Forwarded-For"); len(hops) > 0 {
 		last := hops[len(hops)-1]
@@ -135,9 +128,8 @@ func peerAddr(r *http.Request) netip.Addr {
 	return ap.Addr().Unmap()
 }
 
-// trustProxies drops a request's X-Forwarded-For, -Proto and -Host unless
-// its TCP peer is a trusted proxy, and those that are not well formed, so
-// that the handlers after it may believe what is left.
+// trustProxies drops X-Forwarded-For, -Proto and -Host unless the peer is
+// a trusted proxy, and those not well formed: what is left is believed.
 func trustProxies(trusted []netip.Prefix, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := r.Header
@@ -191,7 +183,7 @@ func firstHeaderValue(r *http.Request, name string) string {
 }
 
 // originAllowed lets in requests without Origin (not from a browser), from
-// the server's own origin, and from the configured extra origins.
+// the server's own origin, and from -allowed-origins.
 func originAllowed(r *http.Request, allowed map[string]bool) bool {
 	origin := r.Header.Get("Origin")
 	o := normalizeOrigin(origin)

@@ -16,7 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -126,8 +126,8 @@ func parsePrefixes(list string) ([]netip.Prefix, error) {
 
 func isListSeparator(r rune) bool { return r == ',' || r == ' ' }
 
-// run parses args, listens and serves until ctx is done; or, with
-// "backup" first, writes a copy of the database.
+// run serves until ctx is done, or with "backup" first copies the
+// database.
 func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if len(args) > 0 && args[0] == "backup" {
 		return backup(args[1:], stdout)
@@ -150,8 +150,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	return serve(ctx, cfg, ln, slog.New(log))
 }
 
-// backup writes a consistent copy of the database to a new file, while
-// the server runs or not.
+// backup writes a consistent copy of the database, running or not.
 func backup(args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("gochat backup", flag.ContinueOnError)
 	fs.SetOutput(stdout)
@@ -180,9 +179,8 @@ func backup(args []string, stdout io.Writer) error {
 	return nil
 }
 
-// serve runs the server on ln until ctx is done, then shuts down: no new
-// connections, every WebSocket closed with 1001, in-flight requests
-// finished, sessions saved, database closed.
+// serve serves on ln until ctx is done, then shuts down: sockets closed
+// with 1001, requests finished, sessions saved, database closed.
 func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) error {
 	defer ln.Close()
 	srv := &http.Server{
@@ -191,12 +189,12 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		// What net/http reports (accept failing, TLS handshakes) needs an operator.
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	// Above -max-conns sockets, some room for API requests; beyond that new
-	// connections wait in the kernel's queue instead of using up descriptors.
+	// Beyond -max-conns sockets and some requests, connections wait in the
+	// kernel's queue instead of using up descriptors.
 	ln = netutil.LimitListener(smallSendBuffers{ln}, cfg.MaxConns+1024)
+	certs := &certFiles{cert: cfg.TLSCert, key: cfg.TLSKey}
 	if cfg.TLSCert != "" {
-		certs := &certFiles{cert: cfg.TLSCert, key: cfg.TLSKey}
-		if _, err := certs.get(nil); err != nil {
+		if err := certs.reload(); err != nil {
 			return err
 		}
 		ln = tls.NewListener(ln, &tls.Config{GetCertificate: certs.get, MinVersion: tls.VersionTLS12})
@@ -228,6 +226,9 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		authRate.Sweep()
 		hub.limit.Sweep()
 		openRate.Sweep()
+		if err := certs.reload(); err != nil {
+			log.Error("TLS certificate not reloaded: serving the last good one", "err", err)
+		}
 	})
 	go every(bg, min(cfg.HistoryKeep/10, cfg.cleanupEvery), func() { deleteOldMessages(bg, cfg, hub, log) })
 
@@ -260,9 +261,8 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	return nil
 }
 
-// deleteOldMessages deletes messages older than -history-keep and beyond
-// the newest -history-max, a batch per step of the hub, which replays from
-// the database.
+// deleteOldMessages deletes messages older than -history-keep or beyond
+// the newest -history-max, a batch per step of the hub.
 func deleteOldMessages(ctx context.Context, cfg config, hub *Hub, log *slog.Logger) {
 	var total int64
 	for n := int64(retireBatch); n == retireBatch && ctx.Err() == nil; total += n {
@@ -277,40 +277,42 @@ func deleteOldMessages(ctx context.Context, cfg config, hub *Hub, log *slog.Logg
 	}
 }
 
-// certFiles serves the certificate in its files, loaded again when they
-// change, so that a renewed certificate needs no restart.
+// certFiles serves the certificate in its files. reload, at start and on
+// every cleanup tick, loads them again when they changed: a renewed
+// certificate needs no restart, no handshake reads a file, and bad files
+// are reported once and leave the last good certificate in place.
 type certFiles struct {
 	cert, key string
-
-	mu      sync.Mutex
-	loaded  *tls.Certificate
-	version string // the files' sizes and times when loaded
+	version   string // the files' sizes and times at the last reload
+	loaded    atomic.Pointer[tls.Certificate]
 }
 
-func (c *certFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+func (c *certFiles) reload() error {
+	if c.cert == "" {
+		return nil // no TLS
+	}
 	version := ""
 	for _, name := range []string{c.cert, c.key} {
 		if info, err := os.Stat(name); err == nil {
 			version += fmt.Sprint(info.Size(), info.ModTime().UnixNano(), " ")
 		}
 	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.loaded == nil || version != c.version {
-		cert, err := tls.LoadX509KeyPair(c.cert, c.key)
-		if err != nil && c.loaded == nil {
-			return nil, fmt.Errorf("load TLS key pair: %w", err)
-		}
-		if err == nil { // else, halfway through a renewal: keep the old one
-			c.loaded, c.version = &cert, version
-		}
+	if version == c.version {
+		return nil
 	}
-	return c.loaded, nil
+	c.version = version
+	cert, err := tls.LoadX509KeyPair(c.cert, c.key)
+	if err != nil {
+		return fmt.Errorf("load TLS key pair: %w", err)
+	}
+	c.loaded.Store(&cert)
+	return nil
 }
 
-// smallSendBuffers caps the kernel's send buffer of each connection, so that
-// a WebSocket peer that stopped reading shows up as a stalled write after a
-// few hundred KiB, not many MiB.
+func (c *certFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.loaded.Load(), nil }
+
+// smallSendBuffers caps each connection's kernel send buffer: a peer that
+// stopped reading stalls a write after a few hundred KiB, not many MiB.
 type smallSendBuffers struct{ net.Listener }
 
 func (l smallSendBuffers) Accept() (net.Conn, error) {

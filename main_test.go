@@ -870,8 +870,8 @@ func TestJSONLogsWithSocketLines(t *testing.T) {
 	}
 }
 
-// A certificate renewed on disk (by certbot, say) is served from the next
-// handshake on, without a restart.
+// A certificate renewed on disk (by certbot, say) is served without a
+// restart, and a bad one is logged and leaves the last good one served.
 func TestRenewedCertificateIsServedWithoutRestart(t *testing.T) {
 	t.Parallel()
 	certFile, keyFile, _ := selfSignedCert(t)
@@ -897,7 +897,24 @@ func TestRenewedCertificateIsServedWithoutRestart(t *testing.T) {
 	}
 	want, _ := os.ReadFile(newCert)
 	block, _ := pem.Decode(want)
-	if after := served(); bytes.Equal(after, before) || !bytes.Equal(after, block.Bytes) {
-		t.Fatal("still serving the old certificate after renewal")
+	// Reloaded on a cleanup tick, every 20 ms here.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		after := served()
+		if bytes.Equal(after, block.Bytes) {
+			break
+		}
+		if !bytes.Equal(after, before) || time.Now().After(deadline) {
+			t.Fatal("not serving the renewed certificate")
+		}
+	}
+	if err := os.WriteFile(certFile, []byte("not a certificate"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	s.waitForLog(t, "level=ERROR", "TLS certificate not reloaded")
+	if !bytes.Equal(served(), block.Bytes) {
+		t.Fatal("a bad certificate file replaced the good one")
+	}
+	if n := strings.Count(s.logs.String(), "TLS certificate not reloaded"); n != 1 {
+		t.Fatalf("a bad file changed once was reported %d times", n)
 	}
 }

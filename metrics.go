@@ -1,6 +1,5 @@
-// Metrics for an operator, in Prometheus's text format, written with the
-// standard library. Its own file because every other file counts into it
-// and it belongs to none of them.
+// Metrics for an operator, in Prometheus's text format. Its own file
+// because every other file counts into it.
 
 package main
 
@@ -24,8 +23,7 @@ type Metrics struct {
 	commitS  float64
 }
 
-// commitBuckets are the upper bounds, in seconds, of the commit latency
-// histogram.
+// commitBuckets bound the commit latency histogram's buckets, in seconds.
 var commitBuckets = [11]float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1}
 
 // Add adds n to the counter name, which may carry labels: `x{code="y"}`.
@@ -48,9 +46,8 @@ func (m *Metrics) ObserveCommit(d time.Duration) {
 	m.commitS += d.Seconds()
 }
 
-// handleMetrics serves the metrics to clients on loopback or in trusted,
-// and answers 404 to everyone else, so that they do not leak through a
-// public proxy.
+// handleMetrics serves the metrics to loopback and trusted clients, and
+// 404 to others, so that they do not leak through a public proxy.
 func handleMetrics(m *Metrics, hub *Hub, trusted []netip.Prefix) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if addr := clientAddr(r); !addr.IsLoopback() && !inPrefixes(addr, trusted) {
@@ -90,8 +87,8 @@ func countResponses(m *Metrics, next http.Handler) http.Handler {
 	})
 }
 
-// statusRecorder counts the status its handler writes. Hijack passes
-// through, for the WebSocket upgrade.
+// statusRecorder counts the status its handler writes; Unwrap lets the
+// WebSocket upgrade hijack.
 type statusRecorder struct {
 	http.ResponseWriter
 	metrics *Metrics

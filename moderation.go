@@ -1,6 +1,5 @@
 // Moderation: admins (-admins) delete messages and ban users. Its own file
-// because it is one idea that reaches into the store, the sessions and the
-// hub, and belongs to none of them.
+// because it reaches into the store, the sessions and the hub.
 
 package main
 
@@ -11,8 +10,8 @@ import (
 	"strings"
 )
 
-// admin returns the user of the request's session when it is an admin,
-// answering 422, 401 or 403 itself otherwise.
+// admin returns the request's user if an admin, else answers 422, 401 or
+// 403.
 func admin(w http.ResponseWriter, r *http.Request, sessions *Sessions, admins map[string]bool) (string, bool) {
 	user, _, ok := authenticate(w, r, sessions)
 	if ok && !isAdmin(admins, user) {
@@ -25,8 +24,8 @@ func admin(w http.ResponseWriter, r *http.Request, sessions *Sessions, admins ma
 // isAdmin reports whether name is one of -admins, in any letter case.
 func isAdmin(admins map[string]bool, name string) bool { return admins[strings.ToLower(name)] }
 
-// handleDeleteMessage deletes a message from storage and from the hub's
-// replays, and tells everyone connected, in one step of the hub.
+// handleDeleteMessage deletes a message and tells everyone, in one step of
+// the hub.
 func handleDeleteMessage(sessions *Sessions, hub *Hub, admins map[string]bool, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		by, ok := admin(w, r, sessions, admins)
@@ -51,9 +50,8 @@ func handleDeleteMessage(sessions *Sessions, hub *Hub, admins map[string]bool, l
 	})
 }
 
-// handleBan bans a user (POST) or lifts the ban (DELETE). A ban ends the
-// user's sessions and closes their socket with 1008; an admin cannot be
-// banned.
+// handleBan bans a user (POST), ending their sessions and socket (1008),
+// or lifts the ban (DELETE). Admins cannot be banned.
 func handleBan(store *Store, sessions *Sessions, hub *Hub, admins map[string]bool, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		by, ok := admin(w, r, sessions, admins)
@@ -62,33 +60,24 @@ func handleBan(store *Store, sessions *Sessions, hub *Hub, admins map[string]boo
 		}
 		name, err := store.UserByName(r.Context(), r.PathValue("name"))
 		banning := r.Method == http.MethodPost
+		if err == nil && banning && isAdmin(admins, name) {
+			writeError(w, http.StatusForbidden, "an admin cannot be banned")
+			return
+		}
+		if err == nil {
+			err = sessions.SetBanned(r.Context(), name, banning)
+		}
 		switch {
 		case errors.Is(err, ErrNotFound):
 			writeError(w, http.StatusNotFound, "no such user")
-			return
-		case err == nil && banning && isAdmin(admins, name):
-			writeError(w, http.StatusForbidden, "an admin cannot be banned")
-			return
-		case err == nil:
-			err = sessions.SetBanned(r.Context(), name, banning)
-		}
-		if err == nil && banning {
-			hub.send(kick{name, "", closePolicyViolation})
-		}
-		if err != nil {
+		case err != nil:
 			internalError(w, log, r, err)
-			return
+		default:
+			if banning {
+				hub.send(kick{name, "", closePolicyViolation})
+			}
+			log.Info("ban", "user", name, "banned", banning, "admin", by)
+			writeJSON(w, http.StatusOK, struct{}{})
 		}
-		log.Info("ban", "user", name, "banned", banning, "admin", by)
-		writeJSON(w, http.StatusOK, struct{}{})
 	})
-}
-
-// refuseBanned answers 403 when name is banned, reporting whether it did.
-func refuseBanned(w http.ResponseWriter, sessions *Sessions, name string) bool {
-	banned := sessions.Banned(name)
-	if banned {
-		writeError(w, http.StatusForbidden, "banned")
-	}
-	return banned
 }

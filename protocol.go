@@ -1,7 +1,6 @@
 // The chat protocol: what a client's frame means for the room, and every
-// frame the server sends. Its own file so that changing the protocol means
-// reading one file: client.go moves the bytes, hub.go puts every event in
-// the room's one order, and wsconn.go is the WebSocket library's plumbing.
+// frame the server sends, in one file. client.go moves the bytes, hub.go
+// orders the events, wsconn.go is the WebSocket library's plumbing.
 //
 // Adding a frame type touches this file and the hub, nothing else:
 //  1. an event type for it below, with its sender method;
@@ -31,26 +30,22 @@ const (
 
 // Events born of a client's frame, in the order its reader read them.
 type (
-	// chatMessage is a message to store, broadcast and ack. The hub sets
-	// msg when it stores it.
+	// chatMessage is a message to store, broadcast and ack; msg once stored.
 	chatMessage struct {
 		from *client
 		text string
 		msg  Message
 	}
-	// refusal is a frame refused with an error ack's code. Its sender
-	// alone hears of it, in the order of its frames.
+	// refusal is a frame refused with an error ack's code.
 	refusal struct {
 		from *client
 		code string
 	}
-	// typing tells the others that from is typing. Nothing is stored or
-	// acked.
+	// typing tells the others that from is typing; nothing is acked.
 	typing struct{ from *client }
 )
 
-// clientFrame is an event born of a client's frame. The hub takes a run
-// of them together, storing the messages among them in one transaction.
+// clientFrame is an event born of a client's frame.
 type clientFrame interface{ sender() *client }
 
 func (m *chatMessage) sender() *client { return m.from }
@@ -58,10 +53,7 @@ func (r refusal) sender() *client      { return r.from }
 func (t typing) sender() *client       { return t.from }
 
 // eventFor says what frame f from c means: exactly {"message": "<text>"}
-// with 1 to 300 code points, or {"typing": true}. Anything else is
-// refused. The reader hands it to the hub without waiting, so a client may
-// have many frames in flight; its acks still leave in frame order, because
-// every frame takes the same path.
+// with 1 to 300 code points, or {"typing": true}; anything else is refused.
 func eventFor(c *client, f inFrame) clientFrame {
 	invalid := refusal{c, "invalid_message"}
 	if f.binary {
@@ -86,9 +78,8 @@ func eventFor(c *client, f inFrame) clientFrame {
 	return &chatMessage{from: c, text: text}
 }
 
-// deliver refuses the messages among frames that are over their sender's
-// rate, stores the others in one transaction, then does what each frame
-// means, in order.
+// deliver refuses the messages over their sender's rate, stores the others
+// in one transaction, then does what each frame means, in order.
 func (h *Hub) deliver(frames []clientFrame) {
 	var msgs []*Message
 	now := h.now()
@@ -128,8 +119,7 @@ func (h *Hub) deliver(frames []clientFrame) {
 	h.dropSlow()
 }
 
-// publish sends a stored message to everyone but its sender, who gets the
-// ack.
+// publish sends a stored message to the others and acks it to its sender.
 func (h *Hub) publish(from *client, m Message) {
 	h.lastID = m.ID
 	h.metrics.Add("gochat_messages_accepted_total", 1)
@@ -143,10 +133,9 @@ func (h *Hub) refuse(c *client, code string) {
 	h.queue(c, errorAck(code))
 }
 
-// oneField parses data as exactly one JSON object holding exactly one
-// field, with nothing after it, and returns the field's name and raw value.
-// Strict, for frames and request bodies alike: a repeated or extra field is
-// an error, not something to guess about.
+// oneField parses data as exactly one JSON object of exactly one field and
+// returns its name and raw value. Strict, for frames and bodies alike: an
+// extra field is an error, not something to guess about.
 func oneField(data []byte) (string, json.RawMessage, error) {
 	dec := json.NewDecoder(bytes.NewReader(data))
 	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
@@ -221,12 +210,7 @@ func deleteFrame(id int64) []byte {
 	return textFrame(mustJSON(map[string]any{"event": "delete", "id": id}))
 }
 
-func ackFrame(id int64) []byte {
-	return textFrame(mustJSON(struct {
-		Status bool  `json:"status"`
-		ID     int64 `json:"id"`
-	}{true, id}))
-}
+func ackFrame(id int64) []byte { return textFrame(fmt.Appendf(nil, `{"status":true,"id":%d}`, id)) }
 
 func errorAck(code string) []byte {
 	return textFrame(mustJSON(map[string]any{"status": false, "code": code}))

@@ -15,13 +15,9 @@ import (
 )
 
 // Sessions maps session ids to users. A session expires after ttl without
-// use; one with an open WebSocket does not expire while the socket lives.
-// Expiry is decided on lookup, so an expired session is refused at once;
-// the cleanup goroutine only frees memory and old rows.
-//
-// The map is the truth while the server runs. A new session is also written
-// to the database (only a hash of its id), so that a restart does not log
-// everyone out; last uses are saved in batches, not on every request.
+// use, decided on lookup; one with an open WebSocket lives while it does.
+// The map is the truth while the server runs; the database keeps a hash of
+// each id, so that a restart logs no one out, and last uses in batches.
 //
 // Sessions also knows who is banned, so that a login's check of the ban and
 // a ban's ending of sessions are one step under the lock: a login that
@@ -40,9 +36,8 @@ type Sessions struct {
 // errBanned is returned by Sessions.Create for a banned user.
 var errBanned = errors.New("banned")
 
-// sessionKey is the SHA-256 of a session id: what the map and the database
-// hold, so that neither a memory dump nor a copy of the database hands out
-// live session ids.
+// sessionKey is the SHA-256 of a session id, all the map and the database
+// hold: neither a memory dump nor a copy of the database hands out ids.
 type sessionKey [sha256.Size]byte
 
 func keyOf(id string) sessionKey { return sha256.Sum256([]byte(id)) }
@@ -58,8 +53,7 @@ func (s *session) expired(now time.Time, ttl time.Duration) bool {
 	return s.sockets == 0 && now.Sub(s.lastUsed) > ttl
 }
 
-// NewSessions returns the sessions saved in store that are still live and
-// not of a banned user.
+// NewSessions loads the live sessions of users not banned.
 func NewSessions(ctx context.Context, ttl time.Duration, now func() time.Time, store *Store) (*Sessions, error) {
 	s := &Sessions{ttl: ttl, now: now, store: store, m: make(map[sessionKey]*session), perUser: make(map[string]int)}
 	err := store.LoadSessions(ctx, now().Add(-ttl), func(key sessionKey, user string, lastUsed time.Time) {
@@ -71,8 +65,8 @@ func NewSessions(ctx context.Context, ttl time.Duration, now func() time.Time, s
 	return s, err
 }
 
-// Create starts a session for user and returns its id, saved before
-// Create returns. It returns errBanned for a banned user.
+// Create starts and saves a session for user and returns its id, or
+// errBanned.
 func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 	id := (rand.Text() + rand.Text())[:32] // [A-Z2-7]: 160 random bits
 	key, now := keyOf(id), s.now()
@@ -84,10 +78,7 @@ func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 	ended := []sessionKey{key} // a banned user's new session ends at once
 	if !banned {
 		s.add(key, &session{user: user, lastUsed: now})
-		ended = nil
-		if s.perUser[user] > maxSessionsPerUser {
-			ended = s.trim(user)
-		}
+		ended = s.trim(user)
 	}
 	s.mu.Unlock()
 	for _, key := range ended {
@@ -101,13 +92,16 @@ func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 	return id, nil
 }
 
-// maxSessionsPerUser bounds what one account's logins can cost: a login
-// beyond it ends the user's least recently used session.
+// maxSessionsPerUser bounds what one account's logins cost: one more ends
+// the user's least recently used session.
 const maxSessionsPerUser = 20
 
 // trim ends user's least recently used sessions beyond maxSessionsPerUser,
 // never one with an open socket, and returns their keys.
 func (s *Sessions) trim(user string) []sessionKey {
+	if s.perUser[user] <= maxSessionsPerUser {
+		return nil
+	}
 	var idle []sessionKey
 	n := 0
 	for key, sess := range s.m {
@@ -117,10 +111,7 @@ func (s *Sessions) trim(user string) []sessionKey {
 			}
 		}
 	}
-	excess := min(n-maxSessionsPerUser, len(idle))
-	if excess <= 0 {
-		return nil
-	}
+	excess := min(n-maxSessionsPerUser, len(idle)) // n > maxSessionsPerUser
 	slices.SortFunc(idle, func(a, b sessionKey) int { return s.m[a].lastUsed.Compare(s.m[b].lastUsed) })
 	for _, key := range idle[:excess] {
 		s.remove(key)
@@ -145,8 +136,8 @@ func (s *Sessions) remove(key sessionKey) {
 // Lookup returns the user of a live session and refreshes its lifetime.
 func (s *Sessions) Lookup(id string) (user string, ok bool) { return s.use(id, 0) }
 
-// OpenSocket is Lookup for a WebSocket: the session stays alive until the
-// matching CloseSocket, and its ttl starts again then.
+// OpenSocket is Lookup for a WebSocket: the session lives until the
+// matching CloseSocket.
 func (s *Sessions) OpenSocket(id string) (user string, ok bool) { return s.use(id, 1) }
 
 // CloseSocket undoes OpenSocket.
@@ -165,9 +156,8 @@ func (s *Sessions) use(id string, sockets int) (string, bool) {
 	return sess.user, true
 }
 
-// SetBanned bans user, ending every session of theirs, or lifts the ban.
-// The database comes first: a ban that fails to reach it leaves the user
-// as they were, rather than banned until the next restart.
+// SetBanned bans user, ending their sessions, or lifts the ban; the
+// database first, so that a failed ban changes nothing.
 func (s *Sessions) SetBanned(ctx context.Context, user string, banned bool) error {
 	if err := s.store.SetBanned(ctx, user, banned); err != nil {
 		return err
@@ -190,9 +180,8 @@ func (s *Sessions) Banned(name string) bool {
 	return s.banned[strings.ToLower(name)]
 }
 
-// Delete ends a session. Unknown ids are ignored. The row goes first: a
-// logout that fails to reach the disk leaves the session working, not
-// ended until the next restart.
+// Delete ends a session, its row first, so that a failed logout changes
+// nothing. Unknown ids are ignored.
 func (s *Sessions) Delete(ctx context.Context, id string) error {
 	key := keyOf(id)
 	if err := s.store.DeleteSession(ctx, key); err != nil {
@@ -204,8 +193,8 @@ func (s *Sessions) Delete(ctx context.Context, id string) error {
 	return nil
 }
 
-// Save forgets expired sessions, deleting their rows, and saves the last
-// use of the others; a session with an open socket counts as used now.
+// Save forgets expired sessions and saves the last use of the others; one
+// with an open socket counts as used now.
 func (s *Sessions) Save(ctx context.Context) error {
 	now := s.now()
 	used := make(map[sessionKey]time.Time)
@@ -225,8 +214,6 @@ func (s *Sessions) Save(ctx context.Context) error {
 	return s.store.SaveSessionUses(used, now.Add(-s.ttl))
 }
 
-// The sessions table: a row per session, with only the hash of its id.
-
 // SaveSession stores a new session.
 func (s *Store) SaveSession(ctx context.Context, key sessionKey, user string, lastUsed time.Time) error {
 	_, err := s.db.ExecContext(ctx, `INSERT OR REPLACE INTO sessions(key, username, last_used) VALUES(?, ?, ?)`,
@@ -240,8 +227,8 @@ func (s *Store) DeleteSession(ctx context.Context, key sessionKey) error {
 	return err
 }
 
-// SaveSessionUses records the last use of sessions, by key, and deletes
-// the sessions last used before cutoff.
+// SaveSessionUses records last uses and deletes sessions unused since
+// cutoff.
 func (s *Store) SaveSessionUses(used map[sessionKey]time.Time, cutoff time.Time) error {
 	return s.inTx(func(tx *sql.Tx) error {
 		for key, at := range used {
@@ -254,8 +241,8 @@ func (s *Store) SaveSessionUses(used map[sessionKey]time.Time, cutoff time.Time)
 	})
 }
 
-// LoadSessions calls each for every session last used at or after since,
-// but those of banned users: a login that raced a ban may have left a row.
+// LoadSessions calls each for every session used since since, but those
+// of banned users: a login that raced a ban may have left a row.
 func (s *Store) LoadSessions(ctx context.Context, since time.Time, each func(sessionKey, string, time.Time)) error {
 	rows, err := s.db.QueryContext(ctx, `SELECT key, username, last_used FROM sessions WHERE last_used >= ?
 		AND NOT EXISTS (SELECT 1 FROM bans WHERE bans.username = sessions.username)`, since.UnixNano())
@@ -290,8 +277,7 @@ func setSessionCookie(w http.ResponseWriter, r *http.Request, sid string, ttl ti
 }
 
 // authenticate returns the user of the request's session, answering 422
-// (no cookie) or 401 (unknown or expired session) itself. Each use slides
-// the session, and the cookie with it.
+// (no cookie) or 401 itself. Each use slides the session and its cookie.
 func authenticate(w http.ResponseWriter, r *http.Request, sessions *Sessions) (user, sid string, ok bool) {
 	cookie, err := r.Cookie(sessionCookie)
 	if err != nil || cookie.Value == "" {

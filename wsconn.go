@@ -1,7 +1,6 @@
-// The WebSocket library's plumbing: taking the connection from net/http,
-// the one lock every write takes, deadlines, server frames, the codec that
-// reads client frames. Its own file so that client.go, protocol.go and
-// hub.go read as the chat itself; nothing here knows what a frame means.
+// The WebSocket library's plumbing: the connection taken from net/http,
+// the one lock every write takes, deadlines, server frames, the codec. Its
+// own file so that client.go, protocol.go and hub.go read as the chat.
 
 package main
 
@@ -42,9 +41,8 @@ const (
 	closeTooBig          = 1009
 )
 
-// upgradeProblem returns why the library would refuse r's handshake, or "".
-// Checked before the upgrade, so that the refusal has a JSON body and the
-// room never hears of a socket that does not open.
+// upgradeProblem returns why the library would refuse r's handshake, or
+// "", so that the refusal has a JSON body.
 func upgradeProblem(r *http.Request) string {
 	switch {
 	case r.Method != http.MethodGet: // the GET route also matches HEAD
@@ -60,9 +58,8 @@ func upgradeProblem(r *http.Request) string {
 	return ""
 }
 
-// hijack takes the connection from net/http. Bytes the HTTP server had
-// already read belong to the socket. A 512-byte writer holds any control
-// frame whole, so a pong is one write.
+// hijack takes the connection from net/http, with the bytes it had read.
+// A 512-byte writer holds any control frame whole: a pong is one write.
 func hijack(w http.ResponseWriter, silence time.Duration) (hijacked, error) {
 	nc, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
@@ -75,8 +72,8 @@ func hijack(w http.ResponseWriter, silence time.Duration) (hijacked, error) {
 	return hijacked{conn, rw}, nil
 }
 
-// hijacked is a connection already taken from net/http, handed to
-// websocket.Server, which only ever asks to take it over.
+// hijacked hands the taken connection to websocket.Server, which only asks
+// to take it over.
 type hijacked struct {
 	conn *socketConn
 	rw   *bufio.ReadWriter
@@ -87,10 +84,9 @@ func (h hijacked) Header() http.Header                          { return http.He
 func (h hijacked) Write(p []byte) (int, error)                  { return 0, http.ErrHijacked }
 func (h hijacked) WriteHeader(int)                              {}
 
-// socketConn is the connection under a websocket.Conn. Every write to it,
-// the library's pongs and the write pump's frames, takes mu and has a
-// deadline; every read has one too, so a peer that sends nothing, not even
-// the pong to a ping, is given up on.
+// socketConn is the connection under a websocket.Conn. Every write, the
+// library's pongs too, takes mu; every read and write has a deadline, so a
+// peer that sends nothing, not even a pong, is given up on.
 type socketConn struct {
 	net.Conn
 	silence time.Duration
@@ -113,8 +109,8 @@ func (c *socketConn) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// probe gives the peer until timeout from now to send something, the pong
-// to a ping the caller sends. A probe already running keeps its deadline.
+// probe gives the peer timeout to send something (the pong to the caller's
+// ping). A probe already running keeps its deadline.
 func (c *socketConn) probe(timeout time.Duration) {
 	by := time.Now().Add(timeout)
 	if c.probeBy.CompareAndSwap(0, by.UnixNano()) {
@@ -133,7 +129,7 @@ func (c *socketConn) Write(p []byte) (int, error) {
 }
 
 // finish follows the close frame: nothing more is written, and the peer
-// has closeGrace to answer before the connection is cut.
+// has closeGrace to answer.
 func (c *socketConn) finish() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -161,11 +157,10 @@ var inCodec = websocket.Codec{
 	},
 }
 
-// closeCodeFor says whether frame breaks the WebSocket protocol itself, as
-// far as the library lets us see: a reserved opcode, a continuation with
-// nothing to continue (the library passes others off as their first
-// fragment's type), or a text frame that is not UTF-8. It returns the close
-// code, or 0.
+// closeCodeFor returns the close code for a frame that breaks the
+// protocol as far as the library lets us see, or 0: a reserved opcode, a
+// continuation of nothing (others pass as their first fragment's type), a
+// text frame that is not UTF-8.
 func closeCodeFor(f inFrame) int {
 	switch {
 	case f.opcode != websocket.TextFrame && f.opcode != websocket.BinaryFrame:
@@ -176,9 +171,8 @@ func closeCodeFor(f inFrame) int {
 	return 0
 }
 
-// Frames the server sends are framed here rather than by the library, which
-// writes each frame on its own: a broadcast is framed once for all its
-// receivers, and a write pump sends all its queued frames in one write.
+// Server frames are framed here, not by the library, which writes each on
+// its own: a broadcast is framed once, and a pump's queue is one write.
 
 var pingFrame = wsFrame(opPing, nil)
 
