@@ -76,6 +76,24 @@ func TestQuickSendsAreMarkedRightAndRefusedTextIsKept(t *testing.T) {
 	}
 }
 
+// Typing shows on the other's page, and her message clears it.
+func TestTypingIndicator(t *testing.T) {
+	s := startServer(t)
+	alice := newBrowser(t, "alice")
+	bob := newBrowser(t, "bob")
+	alice.register(s.url(), "alice")
+	bob.register(s.url(), "bob")
+	alice.waitFor("bob online", `document.getElementById("online-list").textContent.includes("bob")`)
+	alice.do("type", chromedp.SendKeys(css("#message-input"), "hello th"))
+	bob.waitFor("alice typing", `document.getElementById("typing").textContent === "alice is typing…"`)
+	if got := get(alice, "own typing", chromedp.Text(css("#typing"))); got != "" {
+		t.Fatalf("alice sees %q about herself", got)
+	}
+	alice.do("send", chromedp.SendKeys(css("#message-input"), "ere"), chromedp.Click(css("#send-form button")))
+	bob.waitFor("message", hasMessage("hello there"))
+	bob.waitFor("typing cleared", `document.getElementById("typing").textContent === ""`)
+}
+
 // Scrolled up, a new message shows a pill that jumps to it; in a hidden tab
 // the title counts what came, and a mention notifies when allowed.
 func TestUnreadPillTitleAndMentionNotification(t *testing.T) {

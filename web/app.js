@@ -31,6 +31,8 @@
     countdownTimer: null,
     retryAt: 0, // when the next reconnect is due, for the countdown
     unread: 0, // messages that came while the tab was hidden
+    typing: new Map(), // who is typing: name -> timer that forgets them
+    typedAt: 0, // when we last told the server we are typing
   };
 
   // --- HTTP ---
@@ -282,8 +284,27 @@
         return renderDays();
       case "gap":
         return addNotice("Some messages were missed while you were away; scroll up for older ones.", "notice");
+      case "typing":
+        return showTyping(f.username, true);
     }
-    if ("message" in f) addMessage(f);
+    if ("message" in f) {
+      showTyping(f.author, false); // her message is what she was typing
+      addMessage(f);
+    }
+  }
+
+  // The server sends a typing event at most every 2 s per user: someone is
+  // shown typing until 5 s after the last one, or until their message.
+  function showTyping(name, typing) {
+    clearTimeout(state.typing.get(name));
+    state.typing.delete(name);
+    if (typing) state.typing.set(name, setTimeout(() => showTyping(name, false), 5000));
+    const names = [...state.typing.keys()];
+    $("typing").textContent =
+      names.length === 0 ? "" :
+      names.length === 1 ? `${names[0]} is typing…` :
+      names.length <= 3 ? `${names.slice(0, -1).join(", ")} and ${names.at(-1)} are typing…` :
+      "Several people are typing…";
   }
 
   const ACK_ERRORS = {
@@ -649,7 +670,15 @@
     $("counter").classList.toggle("over", n > MAX_CHARS);
   }
 
-  $("message-input").addEventListener("input", updateCounter);
+  $("message-input").addEventListener("input", () => {
+    updateCounter();
+    // At most every 2.5 s: the server passes one on every 2 s at most.
+    const ws = state.ws;
+    if ($("message-input").value && ws && ws.readyState === WebSocket.OPEN && Date.now() - state.typedAt > 2500) {
+      state.typedAt = Date.now();
+      ws.send(JSON.stringify({ typing: true }));
+    }
+  });
 
   $("send-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -662,6 +691,7 @@
     }
     $("send-error").textContent = "";
     state.ws.send(JSON.stringify({ message: text }));
+    state.typedAt = 0; // the next message's typing is news again
     const li = messageItem({ author: state.me, message: text }, true);
     const mark = document.createElement("span");
     mark.className = "state";
