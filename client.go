@@ -195,7 +195,7 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 		case !sinceOK:
 			writeError(w, http.StatusBadRequest, "since must be a non-negative integer")
 		default:
-			slot := reserve{c, make(chan error, 1)}
+			slot := reserve{c, r.URL.Query().Get("takeover") == "1", make(chan error, 1)}
 			err := hub.ask(slot, slot.result)
 			if err != nil {
 				writeError(w, reserveStatus[err], err.Error())

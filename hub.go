@@ -23,7 +23,7 @@ import (
 //   - when its write stalls for writeTimeout (left, 1008, from its pump);
 //   - when its queue passes maxQueueBytes (dropped by the hub, 1008);
 //   - when its session logs out (kick, 1000) or its user is banned (kick,
-//     1008);
+//     1008), or the user takes over on another connection (reserve, 4000);
 //   - when the server shuts down (shutdown, 1001).
 //
 // Its frames that reach the hub after that are dropped unseen.
@@ -51,8 +51,9 @@ type event any
 
 type (
 	reserve struct { // the user's one slot, before the upgrade, unseen by the room
-		c      *client
-		result chan error
+		c        *client
+		takeover bool // close the user's socket, if any, instead of refusing
+		result   chan error
 	}
 	joined struct { // the handshake succeeded: into the room, with its replay
 		c     *client
@@ -142,7 +143,7 @@ func (h *Hub) handle(events []event) bool {
 func (h *Hub) apply(e event) bool {
 	switch e := e.(type) {
 	case reserve:
-		e.result <- h.reserve(e.c)
+		e.result <- h.reserve(e.c, e.takeover)
 	case joined:
 		h.admit(e.c, e.since)
 	case left:
@@ -176,10 +177,13 @@ func (h *Hub) apply(e event) bool {
 	return true
 }
 
-// reserve takes c's user's slot, unless the user has a socket already, the
-// server is full, or c's session ended since its request was checked.
-func (h *Hub) reserve(c *client) error {
-	if old := h.clients[c.key]; old != nil {
+// reserve takes c's user's slot, unless the user has a socket already (a
+// takeover closes that one, in the same step), the server is full, or c's
+// session ended since its request was checked.
+func (h *Hub) reserve(c *client, takeover bool) error {
+	if old := h.clients[c.key]; old != nil && takeover {
+		h.remove(old, closeReplaced)
+	} else if old != nil {
 		old.startProbe()
 		return errTaken
 	}

@@ -600,7 +600,7 @@ func BenchmarkBroadcast(b *testing.B) {
 				peer, err2 := net.Dial("tcp", ln.Addr().String())
 				nc, err3 := ln.Accept()
 				c := newClient(name, sid)
-				r := reserve{c, make(chan error, 1)}
+				r := reserve{c, false, make(chan error, 1)}
 				if err := errors.Join(err, err2, err3, h.ask(r, r.result)); err != nil {
 					b.Fatal(err)
 				}
@@ -1056,5 +1056,63 @@ func TestTypingReachesTheOthersAtMostEveryTwoSeconds(t *testing.T) {
 	watcher.sendText(`{"typing":true}`)
 	if f := typist.next(); !isEvent("typing", "Watcher")(f) {
 		t.Fatalf("typist got %v, want typing", f)
+	}
+}
+
+// ?takeover=1 closes the user's other socket with 4000 and takes its slot
+// in the same step: of racing takeovers exactly one socket is left, and a
+// plain connect still gets 409.
+func TestTakeoverReplacesTheOtherSocket(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	cookie := s.user(t, "Roamer")
+	watcher := s.connect(t, s.user(t, "Watcher"))
+	laptop := s.connect(t, cookie)
+	watcher.nextWhere(isEvent("join", "Roamer"))
+	if ws, r := s.dialWS(t, cookie, dialOpts{}); ws != nil || r.status != 409 {
+		t.Fatalf("plain second socket: %d, want 409", r.status)
+	}
+	phones := make(chan *wsConn, 4)
+	for range cap(phones) {
+		go func() {
+			ws, _ := s.dialWS(t, cookie, dialOpts{query: "?takeover=1"})
+			phones <- ws
+		}()
+	}
+	if code := laptop.expectClose(10 * time.Second); code != closeReplaced {
+		t.Fatalf("replaced socket closed with %d, want %d", code, closeReplaced)
+	}
+	var open []*wsConn
+	for range cap(phones) {
+		if ws := <-phones; ws != nil {
+			open = append(open, ws)
+		}
+	}
+	// Each takeover replaced the one before: only the last is still open.
+	alive := 0
+	for _, ws := range open {
+		ws.writeFrame(opText, []byte(`{"message":"still here?"}`))
+		for {
+			op, p, err := ws.readFrame(10 * time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if op == opClose {
+				if code := closeCodeOf(p); code != closeReplaced {
+					t.Fatalf("a takeover's socket closed with %d", code)
+				}
+				break
+			}
+			if op == opText && strings.Contains(string(p), `"status":true`) {
+				alive++
+				break
+			}
+		}
+	}
+	if alive != 1 {
+		t.Fatalf("%d sockets of one user alive after %d racing takeovers", alive, len(open))
+	}
+	if got := fmt.Sprint(s.request(t, "GET", "/api/online", "", cookie).expect(t, 200).body["online_clients"]); got != "[Roamer Watcher]" {
+		t.Fatalf("online: %s", got)
 	}
 }

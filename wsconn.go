@@ -39,6 +39,7 @@ const (
 	closeInvalidData     = 1007
 	closePolicyViolation = 1008
 	closeTooBig          = 1009
+	closeReplaced        = 4000 // ours: the user took over on another connection
 )
 
 // upgradeProblem returns why the library would refuse r's handshake, or

@@ -191,11 +191,22 @@ func TestConnectionBannerAndSecondTab(t *testing.T) {
 	if err := chromedp.Do(tabCtx); err != nil { // the tab lives as long as tabCtx
 		t.Fatal(err)
 	}
+	alice.send("from the first tab")
 	tab.do("open", chromedp.Navigate(s.url()), chromedp.WaitVisible(css("#chat")))
 	tab.waitFor("open elsewhere", `document.getElementById("banner-text").textContent === "gochat is open in another tab or device." && document.getElementById("retry").textContent === "Use it here"`)
-	alice.exec(`window.gochatDebug.dropConnection(60000)`)
+	// Not connected, the second tab still shows the room, read-only.
+	tab.waitFor("history while elsewhere", hasMessage("from the first tab"))
+	tab.waitFor("online while elsewhere", `document.getElementById("online-list").textContent.includes("alice")`)
 	tab.do("take over", chromedp.Click(css("#retry")))
 	tab.waitFor("connected", `document.getElementById("status").textContent === "Connected."`)
+	// The first tab was replaced: it says so and waits to be asked back.
+	alice.waitFor("replaced", `document.getElementById("banner-text").textContent === "gochat is open in another tab or device." && document.getElementById("status").textContent === "Open elsewhere."`)
+	tab.send("from the second tab")
+	tab.waitFor("delivered", `[...document.querySelectorAll("#messages li.mine .state")].some(e => e.textContent.includes("delivered"))`)
+	alice.do("take back", chromedp.Click(css("#retry")))
+	alice.waitFor("connected again", `document.getElementById("status").textContent === "Connected."`)
+	alice.waitFor("missed message", hasMessage("from the second tab"))
+	tab.waitFor("second tab replaced", `document.getElementById("status").textContent === "Open elsewhere."`)
 }
 
 // The page keeps at most 500 lines, announces only new messages, marks the

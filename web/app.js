@@ -33,6 +33,7 @@
     unread: 0, // messages that came while the tab was hidden
     typing: new Map(), // who is typing: name -> timer that forgets them
     typedAt: 0, // when we last told the server we are typing
+    takeover: false, // the next connect replaces this user's socket elsewhere
   };
 
   // --- HTTP ---
@@ -168,6 +169,7 @@
     const url = new URL("ws", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     if (state.lastId > 0) url.searchParams.set("since", String(state.lastId));
+    if (state.takeover) url.searchParams.set("takeover", "1");
     return url.href;
   }
 
@@ -178,6 +180,7 @@
     state.opened = false;
     setStatus(state.backoff ? "Reconnecting…" : "Connecting…");
     ws.onopen = () => {
+      state.takeover = false;
       state.backoff = 0;
       state.opened = state.hadSocket = true;
       state.conflicts = 0;
@@ -193,9 +196,10 @@
         console.error("bad frame", err);
       }
     };
-    ws.onclose = () => {
+    ws.onclose = (e) => {
       if (state.ws !== ws) return;
       state.ws = null;
+      if (e.code === 4000) return openElsewhere(); // another tab or device took over
       connectionLost();
     };
   }
@@ -231,11 +235,7 @@
     if (!state.opened && res && res.status === 200 && res.body.online) {
       // Right after a drop it may be this tab's own old socket, which the
       // server checks within 5 s: try once more after that.
-      if (!state.hadSocket || state.conflicts++ > 0) {
-        setStatus("Open elsewhere.");
-        showBanner("gochat is open in another tab or device.", "Use it here");
-        return;
-      }
+      if (!state.hadSocket || state.conflicts++ > 0) return openElsewhere();
       delay = 6000;
     }
     state.backoff++;
@@ -252,6 +252,24 @@
     showBanner(`Connection lost. Reconnecting in ${secs} s…`, "Retry now");
     clearTimeout(state.countdownTimer);
     if (secs > 0) state.countdownTimer = setTimeout(countdown, 250);
+  }
+
+  // openElsewhere offers to take over from the tab or device that has this
+  // user's one socket, and meanwhile shows the room read-only: the newest
+  // history and who is online. It does not retry on its own.
+  async function openElsewhere() {
+    for (const p of state.pending) markPending(p, "not confirmed: open elsewhere", false);
+    setStatus("Open elsewhere.");
+    showBanner("gochat is open in another tab or device.", "Use it here");
+    state.takeover = true;
+    refreshOnline();
+    if (state.lastId > 0) return;
+    const res = await request(`api/messages?limit=${PAGE}`).catch(() => null);
+    if (!res || res.status !== 200 || state.ws) return;
+    for (const m of res.body.messages) addMessage({ ...m, history: true });
+    if (res.body.messages.length < PAGE) state.noOlder = true;
+    updateOlderButton();
+    scrollToEnd();
   }
 
   function showBanner(text, action) {
