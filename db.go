@@ -17,6 +17,7 @@ import (
 var (
 	ErrNameTaken = errors.New("username taken") // in any letter case
 	ErrNotFound  = errors.New("not found")      // no row matched
+	ErrNotYours  = errors.New("not yours")      // another user's message
 )
 
 // schema creates what is missing. Message ids are AUTOINCREMENT: never
@@ -183,16 +184,21 @@ func (s *Store) inTx(f func(tx *sql.Tx) error) error {
 }
 
 // DeleteMessage wipes message id's author and text, leaving a tombstone
-// so that replays know it was there, or returns ErrNotFound.
-func (s *Store) DeleteMessage(ctx context.Context, id int64) error {
-	res, err := s.db.ExecContext(ctx, `UPDATE messages SET author = '', body = '' WHERE id = ? AND author != ''`, id)
+// so that replays know it was there. Unless author is "" (an admin), only
+// author's own message goes: ErrNotYours for another's.
+func (s *Store) DeleteMessage(ctx context.Context, id int64, author string) error {
+	res, err := s.db.ExecContext(ctx, `UPDATE messages SET author = '', body = ''
+		WHERE id = ?1 AND author != '' AND ?2 IN ('', author)`, id, author)
 	if err != nil {
 		return fmt.Errorf("delete message: %w", err)
 	}
-	if n, _ := res.RowsAffected(); n == 0 {
-		return ErrNotFound
+	if n, _ := res.RowsAffected(); n > 0 {
+		return nil
 	}
-	return nil
+	if err := s.queryRow(ctx, `SELECT 1 FROM messages WHERE id = ? AND author != ''`, []any{id}, new(int)); err != nil {
+		return err
+	}
+	return ErrNotYours
 }
 
 // SetBanned bans name, deleting their sessions in the same transaction,
@@ -215,20 +221,20 @@ func (s *Store) SetBanned(ctx context.Context, name string, banned bool) error {
 	return nil
 }
 
-// Bans returns the banned names, in lower case.
-func (s *Store) Bans(ctx context.Context) (map[string]bool, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT lower(username) FROM bans`)
+// Bans returns the banned names, as registered, sorted.
+func (s *Store) Bans(ctx context.Context) ([]string, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT username FROM bans ORDER BY username`)
 	if err != nil {
 		return nil, fmt.Errorf("load bans: %w", err)
 	}
 	defer rows.Close()
-	bans := map[string]bool{}
+	bans := []string{}
 	for rows.Next() {
 		var name string
 		if err := rows.Scan(&name); err != nil {
 			return nil, fmt.Errorf("load bans: %w", err)
 		}
-		bans[name] = true
+		bans = append(bans, name)
 	}
 	return bans, rows.Err()
 }

@@ -34,6 +34,7 @@ func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub 
 	mux.Handle("GET /api/user/{name}", handleUser(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("GET /api/messages", handleMessages(store, sessions, log))
 	mux.Handle("DELETE /api/messages/{id}", handleDeleteMessage(sessions, hub, cfg.Admins, log))
+	mux.Handle("GET /api/bans", handleBans(store, sessions, cfg.Admins, log))
 	mux.Handle("POST /api/user/{name}/ban", handleBan(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("DELETE /api/user/{name}/ban", handleBan(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("GET /healthz", handleHealth(store, log))

@@ -69,6 +69,7 @@ type (
 	}
 	deletion struct {
 		id     int64
+		author string // only this author's message; "": any (an admin)
 		result chan error
 	}
 	retention struct { // deletes up to retireBatch messages older than before or beyond the newest keep
@@ -153,7 +154,7 @@ func (h *Hub) apply(e event) bool {
 			h.remove(c, e.code)
 		}
 	case deletion: // after the message's broadcast, in an earlier step
-		err := h.store.DeleteMessage(context.Background(), e.id)
+		err := h.store.DeleteMessage(context.Background(), e.id, e.author)
 		if err == nil {
 			h.broadcast(deleteFrame(e.id), nil)
 		}

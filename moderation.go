@@ -24,29 +24,49 @@ func admin(w http.ResponseWriter, r *http.Request, sessions *Sessions, admins ma
 // isAdmin reports whether name is one of -admins, in any letter case.
 func isAdmin(admins map[string]bool, name string) bool { return admins[strings.ToLower(name)] }
 
-// handleDeleteMessage deletes a message and tells everyone, in one step of
-// the hub.
+// handleDeleteMessage deletes a message, its author's own or any for an
+// admin, and tells everyone, in one step of the hub.
 func handleDeleteMessage(sessions *Sessions, hub *Hub, admins map[string]bool, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		by, ok := admin(w, r, sessions, admins)
+		by, _, ok := authenticate(w, r, sessions)
 		if !ok {
 			return
 		}
 		id, ok := parseUint(r.PathValue("id"))
 		err := ErrNotFound // an id that is not a number names no message
 		if ok {
-			d := deletion{id, make(chan error, 1)}
+			d := deletion{id, by, make(chan error, 1)}
+			if isAdmin(admins, by) {
+				d.author = ""
+			}
 			err = hub.ask(d, d.result)
 		}
 		switch {
 		case errors.Is(err, ErrNotFound):
 			writeError(w, http.StatusNotFound, "no such message")
+		case errors.Is(err, ErrNotYours):
+			writeError(w, http.StatusForbidden, "only its author or an admin may delete a message")
 		case err != nil:
 			internalError(w, log, r, err)
 		default:
-			log.Info("message deleted", "id", id, "admin", by)
+			log.Info("message deleted", "id", id, "by", by)
 			w.WriteHeader(http.StatusNoContent)
 		}
+	})
+}
+
+// handleBans lists the banned users, for admins.
+func handleBans(store *Store, sessions *Sessions, admins map[string]bool, log *slog.Logger) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, ok := admin(w, r, sessions, admins); !ok {
+			return
+		}
+		bans, err := store.Bans(r.Context())
+		if err != nil {
+			internalError(w, log, r, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string][]string{"bans": bans})
 	})
 }
 

@@ -25,7 +25,8 @@ func TestAdminsDeleteMessages(t *testing.T) {
 	after := sendAndAck(t, aliceWS, "after")
 	path := fmt.Sprintf("/api/messages/%d", gone)
 
-	s.request(t, "DELETE", path, "", alice).expect(t, 403)
+	carol := s.user(t, "Carol")
+	s.request(t, "DELETE", path, "", carol).expect(t, 403) // not hers, not an admin
 	s.request(t, "DELETE", "/api/messages/999999", "", boss).expect(t, 404)
 	s.request(t, "DELETE", "/api/messages/x", "", boss).expect(t, 404)
 	if r := s.request(t, "DELETE", path, "", nil); r.status != 422 {
@@ -55,7 +56,19 @@ func TestAdminsDeleteMessages(t *testing.T) {
 		t.Fatalf("replay across a deleted message starts with %v", f)
 	}
 	s.request(t, "DELETE", path, "", boss).expect(t, 404)
-	s.waitForLog(t, "message deleted", "admin=boss")
+	s.waitForLog(t, "message deleted", "by=boss")
+
+	// Authors delete their own messages, the same way.
+	mine := sendAndAck(t, aliceWS, "mine, and then not")
+	s.request(t, "DELETE", fmt.Sprint("/api/messages/", mine), "", carol).expect(t, 403)
+	req, _ = http.NewRequest("DELETE", fmt.Sprint(s.url, "/api/messages/", mine), nil)
+	req.AddCookie(alice)
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 204 {
+		t.Fatalf("delete own: %v %v", resp, err)
+	}
+	if f := bossWS.nextWhere(func(f map[string]any) bool { return f["event"] == "delete" }); idOf(f) != mine {
+		t.Fatalf("delete event %v", f)
+	}
 
 	// After a restart too: the deleted message's id is still known taken.
 	if err := s.stop(); err != nil {
@@ -119,8 +132,15 @@ func TestAdminsBanUsers(t *testing.T) {
 	}
 	s = startServer(t, "-db", db, "-admins", "Boss")
 	s.request(t, "POST", "/api/login", fmt.Sprintf(`{"key":%q}`, bobKey), nil).expect(t, 403)
+	if r := s.request(t, "GET", "/api/bans", "", boss).expect(t, 200); fmt.Sprint(r.body["bans"]) != "[Bob]" {
+		t.Fatalf("bans: %s", r.raw)
+	}
+	s.request(t, "GET", "/api/bans", "", s.user(t, "Curious")).expect(t, 403)
 	s.request(t, "DELETE", "/api/user/Bob/ban", "", boss).expect(t, 200)
 	s.connect(t, s.login(t, bobKey)).close()
+	if r := s.request(t, "GET", "/api/bans", "", boss).expect(t, 200); fmt.Sprint(r.body["bans"]) != "[]" {
+		t.Fatalf("bans after unban: %s", r.raw)
+	}
 }
 
 // Logins and socket opens racing a ban: after the ban's 200, no session of

@@ -59,10 +59,12 @@ func NewSessions(ctx context.Context, ttl time.Duration, now func() time.Time, s
 	err := store.LoadSessions(ctx, now().Add(-ttl), func(key sessionKey, user string, lastUsed time.Time) {
 		s.add(key, &session{user: user, lastUsed: lastUsed})
 	})
-	if err == nil {
-		s.banned, err = store.Bans(ctx)
+	bans, err2 := store.Bans(ctx)
+	s.banned = map[string]bool{}
+	for _, name := range bans {
+		s.banned[strings.ToLower(name)] = true
 	}
-	return s, err
+	return s, errors.Join(err, err2)
 }
 
 // Create starts and saves a session for user and returns its id, or
