@@ -41,8 +41,7 @@ func newClient(user, session string) *client {
 	return &client{user: user, key: strings.ToLower(user), session: session, wake: make(chan struct{}, 1)}
 }
 
-// enqueue queues frame, reporting false when the queue is full. A closing
-// client's frames are dropped.
+// enqueue queues frame, or reports false when the queue is full.
 func (c *client) enqueue(frame []byte) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -148,8 +147,7 @@ func (c *client) writePump(conn *socketConn, hub *Hub, ping time.Duration) int {
 	}
 }
 
-// readPump hands what each frame means to the hub, in order, until the
-// socket ends, and returns the code to close it with.
+// readPump hands each frame's meaning to the hub, returning a close code.
 func (c *client) readPump(ws *websocket.Conn, hub *Hub) int {
 	for {
 		var f inFrame
@@ -224,7 +222,7 @@ var reserveStatus = map[error]int{errTaken: http.StatusConflict, errExpired: htt
 // buffers go, rather than wait on a connection no longer theirs.
 func runSocket(hj hijacked, r *http.Request, c *client, hub *Hub, ping time.Duration, since int64) {
 	defer hub.sockets.Done()
-	served, sent := false, 0
+	sent := 0
 	websocket.Server{
 		// Past the library's checks, before the 101 is written: a client that
 		// reads its 101 is in the room, and so sees every later join.
@@ -236,7 +234,7 @@ func runSocket(hj hijacked, r *http.Request, c *client, hub *Hub, ping time.Dura
 			return nil
 		},
 		Handler: func(ws *websocket.Conn) {
-			served, ws.MaxPayloadBytes = true, maxFrameBytes
+			ws.MaxPayloadBytes = maxFrameBytes
 			pumped := make(chan struct{})
 			go func() { sent = c.writePump(hj.conn, hub, ping); close(pumped) }()
 			code := c.readPump(ws, hub)
@@ -250,8 +248,6 @@ func runSocket(hj hijacked, r *http.Request, c *client, hub *Hub, ping time.Dura
 			<-pumped
 		},
 	}.ServeHTTP(hj, r)
-	if !served {
-		hub.send(left{c, closeNormal}) // the handshake failed
-	}
+	hub.send(left{c, closeNormal}) // for a failed handshake; else a no-op
 	hub.log.Info("websocket closed", "user", c.user, "client", clientKey(r), "code", sent)
 }

@@ -21,7 +21,7 @@ func FuzzChatText(f *testing.F) {
 	f.Fuzz(func(t *testing.T, data []byte, binary bool) {
 		var obj map[string]any
 		wellFormed := !binary && json.Unmarshal(data, &obj) == nil && len(obj) == 1
-		switch e := eventFor(newClient("fuzz", ""), inFrame{data: data, binary: binary}).(type) {
+		switch e := eventFor(newClient("fuzz", ""), inFrame{data: data, opcode: map[bool]byte{false: opText, true: 0x2}[binary]}).(type) {
 		case refusal:
 			if e.code != "invalid_message" && e.code != "message_too_long" {
 				t.Fatalf("refusal %q for %q", e.code, data)

@@ -100,8 +100,7 @@ func hashKey(key string) []byte {
 	return sum[:]
 }
 
-// CreateUser stores a new user with the hash of key, or returns
-// ErrNameTaken.
+// CreateUser stores a new user with the hash of key, or ErrNameTaken.
 func (s *Store) CreateUser(ctx context.Context, name, key string) error {
 	res, err := s.db.ExecContext(ctx, `INSERT INTO users(username, key_hash, created_at) VALUES(?, ?, ?)
 		ON CONFLICT DO NOTHING`, name, hashKey(key), time.Now().Unix())
@@ -201,21 +200,13 @@ func (s *Store) DeleteMessage(ctx context.Context, id int64, author string) erro
 	return ErrNotYours
 }
 
-// SetBanned bans name, deleting their sessions in the same transaction,
-// or lifts the ban.
+// SetBanned bans name, deleting their sessions, or lifts the ban.
 func (s *Store) SetBanned(ctx context.Context, name string, banned bool) error {
-	err := s.inTx(func(tx *sql.Tx) error {
-		if !banned {
-			_, err := tx.ExecContext(ctx, `DELETE FROM bans WHERE username = ?`, name)
-			return err
-		}
-		_, err := tx.ExecContext(ctx, `INSERT OR IGNORE INTO bans(username) VALUES(?)`, name)
-		if err == nil {
-			_, err = tx.ExecContext(ctx, `DELETE FROM sessions WHERE username = ? COLLATE NOCASE`, name)
-		}
-		return err
-	})
-	if err != nil {
+	query := `DELETE FROM bans WHERE username = ?1`
+	if banned {
+		query = `INSERT OR IGNORE INTO bans(username) VALUES(?1); DELETE FROM sessions WHERE username = ?1 COLLATE NOCASE`
+	}
+	if err := s.inTx(func(tx *sql.Tx) error { _, err := tx.ExecContext(ctx, query, name); return err }); err != nil {
 		return fmt.Errorf("ban: %w", err)
 	}
 	return nil
@@ -239,8 +230,7 @@ func (s *Store) Bans(ctx context.Context) ([]string, error) {
 	return bans, rows.Err()
 }
 
-// LastMessageID returns the highest message id ever handed out, deleted or
-// not, or 0.
+// LastMessageID returns the highest message id ever handed out, or 0.
 func (s *Store) LastMessageID(ctx context.Context) (id int64, err error) {
 	err = s.queryRow(ctx, `SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)`, nil, &id)
 	return id, err
@@ -265,11 +255,8 @@ func (s *Store) Retire(before time.Time, keep int) (int64, error) {
 // Messages returns the newest limit messages with after < id < before
 // (0: no bound), oldest first, tombstones only if asked for.
 func (s *Store) Messages(ctx context.Context, after, before int64, limit int, tombstones bool) ([]Message, error) {
-	if before <= 0 {
-		before = 1<<63 - 1
-	}
 	rows, err := s.db.QueryContext(ctx, `SELECT id, author, body, created_at FROM messages
-		WHERE id > ? AND id < ? AND (? OR author != '') ORDER BY id DESC LIMIT ?`, after, before, tombstones, limit)
+		WHERE id > ?1 AND (?2 = 0 OR id < ?2) AND (?3 OR author != '') ORDER BY id DESC LIMIT ?4`, after, before, tombstones, limit)
 	if err != nil {
 		return nil, fmt.Errorf("query messages: %w", err)
 	}

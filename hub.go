@@ -327,8 +327,7 @@ func (h *Hub) Online() []string {
 	return <-reply
 }
 
-// Shutdown closes every socket with code and waits, until ctx is done, for
-// them to end.
+// Shutdown closes every socket with code and waits for them until ctx ends.
 func (h *Hub) Shutdown(ctx context.Context, code int) {
 	h.send(shutdown{code})
 	<-h.done

@@ -24,8 +24,7 @@ type rateLimiter struct {
 	buckets map[string]*bucket
 }
 
-// maxBuckets bounds a limiter's memory however many addresses a flood
-// comes from.
+// maxBuckets bounds a limiter's memory against floods from many addresses.
 const maxBuckets = 1 << 16
 
 type bucket struct {
@@ -86,8 +85,7 @@ func limitAuth(limit *rateLimiter, next http.Handler) http.Handler {
 	})
 }
 
-// allowed takes a token from each of keys' buckets, or answers 429 with
-// Retry-After.
+// allowed takes a token for each key, or answers 429 with Retry-After.
 func allowed(w http.ResponseWriter, limit *rateLimiter, keys ...string) bool {
 	for _, key := range keys {
 		if ok, wait := limit.Allow(key); !ok {
@@ -190,8 +188,7 @@ func originAllowed(r *http.Request, allowed map[string]bool) bool {
 	return origin == "" || o != "" && (o == normalizeOrigin(requestScheme(r)+"://"+requestHost(r)) || allowed[o])
 }
 
-// normalizeOrigin returns scheme://host in lower case without a default
-// port, or "" when s is not an origin.
+// normalizeOrigin returns scheme://host, lower case, no default port, or "".
 func normalizeOrigin(s string) string {
 	u, err := url.Parse(strings.TrimSpace(s))
 	if err != nil || u.Scheme == "" || u.Host == "" {

@@ -126,8 +126,7 @@ func parsePrefixes(list string) ([]netip.Prefix, error) {
 
 func isListSeparator(r rune) bool { return r == ',' || r == ' ' }
 
-// run serves until ctx is done, or with "backup" first copies the
-// database.
+// run serves until ctx is done, or with "backup" first copies the database.
 func run(ctx context.Context, args []string, stdout io.Writer) error {
 	if len(args) > 0 && args[0] == "backup" {
 		return backup(args[1:], stdout)

@@ -87,8 +87,7 @@ func countResponses(m *Metrics, next http.Handler) http.Handler {
 	})
 }
 
-// statusRecorder counts the status its handler writes; Unwrap lets the
-// WebSocket upgrade hijack.
+// statusRecorder counts statuses; Unwrap lets the WebSocket upgrade hijack.
 type statusRecorder struct {
 	http.ResponseWriter
 	metrics *Metrics

@@ -10,8 +10,7 @@ import (
 	"strings"
 )
 
-// admin returns the request's user if an admin, else answers 422, 401 or
-// 403.
+// admin returns the request's user if an admin, else answers 422/401/403.
 func admin(w http.ResponseWriter, r *http.Request, sessions *Sessions, admins map[string]bool) (string, bool) {
 	user, _, ok := authenticate(w, r, sessions)
 	if ok && !isAdmin(admins, user) {

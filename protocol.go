@@ -56,12 +56,9 @@ func (t typing) sender() *client       { return t.from }
 // with 1 to 300 code points, or {"typing": true}; anything else is refused.
 func eventFor(c *client, f inFrame) clientFrame {
 	invalid := refusal{c, "invalid_message"}
-	if f.binary {
-		return invalid
-	}
 	name, value, err := oneField(f.data)
 	switch {
-	case err != nil:
+	case err != nil || f.opcode != opText:
 		return invalid
 	case name == "typing" && string(value) == "true":
 		return typing{c}

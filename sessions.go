@@ -67,8 +67,7 @@ func NewSessions(ctx context.Context, ttl time.Duration, now func() time.Time, s
 	return s, errors.Join(err, err2)
 }
 
-// Create starts and saves a session for user and returns its id, or
-// errBanned.
+// Create starts and saves a session for user and returns its id.
 func (s *Sessions) Create(ctx context.Context, user string) (string, error) {
 	id := (rand.Text() + rand.Text())[:32] // [A-Z2-7]: 160 random bits
 	key, now := keyOf(id), s.now()
@@ -138,8 +137,7 @@ func (s *Sessions) remove(key sessionKey) {
 // Lookup returns the user of a live session and refreshes its lifetime.
 func (s *Sessions) Lookup(id string) (user string, ok bool) { return s.use(id, 0) }
 
-// OpenSocket is Lookup for a WebSocket: the session lives until the
-// matching CloseSocket.
+// OpenSocket is Lookup for a WebSocket: the session lives until CloseSocket.
 func (s *Sessions) OpenSocket(id string) (user string, ok bool) { return s.use(id, 1) }
 
 // CloseSocket undoes OpenSocket.
@@ -229,8 +227,7 @@ func (s *Store) DeleteSession(ctx context.Context, key sessionKey) error {
 	return err
 }
 
-// SaveSessionUses records last uses and deletes sessions unused since
-// cutoff.
+// SaveSessionUses records last uses and deletes those unused since cutoff.
 func (s *Store) SaveSessionUses(used map[sessionKey]time.Time, cutoff time.Time) error {
 	return s.inTx(func(tx *sql.Tx) error {
 		for key, at := range used {

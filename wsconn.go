@@ -26,10 +26,8 @@ const (
 	maxFrameBytes = 64 << 10        // a larger incoming frame closes the socket with 1009
 	writeTimeout  = 5 * time.Second // a write blocked this long means a stalled client
 	closeGrace    = 2 * time.Second // how long a closed socket waits for the peer's answer
-)
 
-// Opcodes and close codes (RFC 6455, sections 5.2 and 7.4.1).
-const (
+	// Opcodes and close codes (RFC 6455, sections 5.2 and 7.4.1).
 	opText               = 0x1
 	opClose              = 0x8
 	opPing               = 0x9
@@ -73,8 +71,7 @@ func hijack(w http.ResponseWriter, silence time.Duration) (hijacked, error) {
 	return hijacked{conn, rw}, nil
 }
 
-// hijacked hands the taken connection to websocket.Server, which only asks
-// to take it over.
+// hijacked hands the taken connection to websocket.Server, which hijacks.
 type hijacked struct {
 	conn *socketConn
 	rw   *bufio.ReadWriter
@@ -129,8 +126,7 @@ func (c *socketConn) Write(p []byte) (int, error) {
 	return c.Conn.Write(p)
 }
 
-// finish follows the close frame: nothing more is written, and the peer
-// has closeGrace to answer.
+// finish follows the close frame: the peer has closeGrace to answer.
 func (c *socketConn) finish() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -146,14 +142,13 @@ func isTimeout(err error) bool {
 // inFrame is one received data frame.
 type inFrame struct {
 	data   []byte
-	binary bool
 	opcode byte
 }
 
 // inCodec receives frames of any type, telling which it was.
 var inCodec = websocket.Codec{
 	Unmarshal: func(data []byte, opcode byte, v any) error {
-		*v.(*inFrame) = inFrame{data, opcode != websocket.TextFrame, opcode}
+		*v.(*inFrame) = inFrame{data, opcode}
 		return nil
 	},
 }
