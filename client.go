@@ -1,8 +1,10 @@
 package main
 
 import (
+	"cmp"
 	"errors"
 	"net/http"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -124,7 +126,7 @@ func (c *client) writePump(conn *socketConn, hub *Hub, ping time.Duration) int {
 			buf = append(buf, closeFrame(code)...)
 		}
 		n, err := conn.Write(buf)
-		if isTimeout(err) {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
 			// Stalled: the others hear it left now; it gets the rest and a
 			// close frame if it starts reading within another timeout.
 			hub.send(left{c, closePolicyViolation})
@@ -155,7 +157,7 @@ func (c *client) readPump(ws *websocket.Conn, hub *Hub) int {
 		switch {
 		case errors.Is(err, websocket.ErrFrameTooLarge):
 			return closeTooBig
-		case isTimeout(err):
+		case errors.Is(err, os.ErrDeadlineExceeded):
 			return closePolicyViolation // silent for two ping intervals, or a probe unanswered
 		case err != nil:
 			return closeNormal // the peer's close frame, or the connection ended
@@ -196,7 +198,8 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 			slot := reserve{c, r.URL.Query().Get("takeover") == "1", make(chan error, 1)}
 			err := hub.ask(slot, slot.result)
 			if err != nil {
-				writeError(w, reserveStatus[err], err.Error())
+				status := map[error]int{errTaken: http.StatusConflict, errExpired: http.StatusUnauthorized}[err]
+				writeError(w, cmp.Or(status, http.StatusServiceUnavailable), err.Error()) // full, or shutting down
 				return
 			}
 			hj, err := hijack(w, 2*ping)
@@ -213,9 +216,6 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 		}
 	})
 }
-
-var reserveStatus = map[error]int{errTaken: http.StatusConflict, errExpired: http.StatusUnauthorized,
-	errFull: http.StatusServiceUnavailable, errShutdown: http.StatusServiceUnavailable}
 
 // runSocket completes the handshake, enters the room and runs the pumps
 // until the socket ends. Its own goroutine lets net/http's goroutine and

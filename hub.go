@@ -151,6 +151,9 @@ func (h *Hub) apply(e event) bool {
 		h.remove(e.c, e.code)
 	case kick:
 		if c := h.clients[strings.ToLower(e.user)]; c != nil && (e.session == "" || c.session == e.session) {
+			if e.session == "" { // a ban: say why, before the close
+				h.queue(c, eventFrame("banned", c.user))
+			}
 			h.remove(c, e.code)
 		}
 	case deletion: // after the message's broadcast, in an earlier step

@@ -115,6 +115,7 @@ func TestAdminsBanUsers(t *testing.T) {
 	s.request(t, "POST", "/api/user/Deputy/ban", "", boss).expect(t, 403)
 	s.request(t, "POST", "/api/user/Nobody/ban", "", boss).expect(t, 404)
 	s.request(t, "POST", "/api/user/bob/ban", "", boss).expect(t, 200)
+	bobWS.nextWhere(isEvent("banned", "Bob")) // told why, before the close
 	if code := bobWS.expectClose(5 * time.Second); code != closePolicyViolation {
 		t.Fatalf("banned user's socket closed with %d", code)
 	}

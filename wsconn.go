@@ -8,7 +8,6 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
-	"errors"
 	"io"
 	"net"
 	"net/http"
@@ -132,11 +131,6 @@ func (c *socketConn) finish() {
 	defer c.mu.Unlock()
 	c.closed = true
 	time.AfterFunc(closeGrace, func() { c.Conn.Close() })
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // inFrame is one received data frame.
