@@ -2,11 +2,13 @@ package e2e
 
 import (
 	"fmt"
+	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/chromedp/chromedp"
+	"github.com/chromedp/chromedp/kb"
 )
 
 // atEnd is true when the message list is scrolled to its end.
@@ -47,9 +49,19 @@ func TestPhoneLayout(t *testing.T) {
 	})()`)
 	writer.send("fresh news")
 	phone.waitFor("newest in view", hasMessage("fresh news")+" && "+atEnd)
-	phone.waitFor("online list hidden", `getComputedStyle(document.getElementById("online-list")).display === "none"`)
-	phone.do("show online", chromedp.Click(css("#online-toggle")))
-	phone.waitFor("online list shown", `getComputedStyle(document.getElementById("online-list")).display !== "none" && document.getElementById("online-list").textContent.includes("writer")`)
+	// One bar (name, state, menu); the messages get the rest of the screen.
+	phone.waitFor("compact header", `(() => {
+		const bar = document.querySelector(".bar").getBoundingClientRect();
+		const list = document.getElementById("messages").getBoundingClientRect();
+		const send = document.getElementById("send-form").getBoundingClientRect();
+		return bar.height <= 52 && document.getElementById("me").offsetWidth > 0 &&
+			document.getElementById("status").offsetWidth > 0 && document.getElementById("menu-toggle").offsetWidth > 0 &&
+			document.getElementById("logout").offsetWidth === 0 && list.height >= innerHeight - bar.height - send.height - 30;
+	})()`)
+	phone.do("open the menu", chromedp.Click(css("#menu-toggle")))
+	phone.waitFor("menu", `document.getElementById("logout").offsetWidth > 0 && document.getElementById("show-online").textContent.includes("(2)")`)
+	phone.do("show online", chromedp.Click(css("#show-online")))
+	phone.waitFor("online list shown", `document.getElementById("online-list").offsetHeight > 0 && document.getElementById("online-list").textContent.includes("writer")`)
 	takeScreenshot(t, phone, "screenshot-phone.png")
 }
 
@@ -253,14 +265,153 @@ func TestModerationFromThePage(t *testing.T) {
 	boss := newBrowser(t, "boss")
 	bob := newBrowser(t, "bob")
 	boss.register(s.url(), "boss")
+	carolKey := newBrowser(t, "carol").register(s.url(), "carol")
 	bob.register(s.url(), "bob")
 	bob.send("spam spam")
 	boss.waitFor("spam", hasMessage("spam spam"))
-	bob.waitFor("no controls for bob", `document.querySelectorAll("button.delete, button.ban").length === 0`)
-	boss.do("delete", chromedp.Click(css("#messages li:not(.mine) button.delete")))
+	bob.waitFor("no controls for bob", `document.querySelectorAll("#messages li:not(.mine) button.more, #online-list button.more").length === 0 && document.getElementById("admin-panel").hidden`)
+	// One menu per message, and a confirm before anything happens.
+	boss.do("message menu", chromedp.Click(css("#messages li:not(.mine) button.more")))
+	boss.do("delete", chromedp.Click(css("#messages li:not(.mine) .popover button")))
+	boss.do("confirm", chromedp.Click(css("#messages li:not(.mine) .popover button.danger")))
 	bob.waitFor("gone for bob", "!"+hasMessage("spam spam"))
 	boss.waitFor("gone for boss", "!"+hasMessage("spam spam"))
-	boss.do("ban", chromedp.Click(css("#online-list button.ban")))
-	bob.waitFor("bob logged out", `!document.getElementById("auth").hidden && document.getElementById("status").textContent.includes("session has ended")`)
+	// Ban by name, online or not, with a confirm; the list shows it, Unban lifts it.
+	boss.do("ban carol by name", chromedp.SendKeys(css("#ban-name"), "carol"), chromedp.Click(css("#ban-form button")))
+	boss.waitFor("asks first", `document.querySelector("#ban-form .ask").textContent.includes("Ban carol?")`)
+	boss.do("confirm", chromedp.Click(css("#ban-form .ask button.danger")))
+	boss.waitFor("carol listed", `document.getElementById("ban-list").textContent.includes("carol")`)
+	boss.do("unban", chromedp.Click(css("#ban-list button")))
+	boss.waitFor("carol unbanned", `document.getElementById("ban-list").textContent === "No one."`)
+	if r, err := http.Post(s.url()+"api/login", "application/json", strings.NewReader(fmt.Sprintf(`{"key":%q}`, carolKey))); err != nil || r.StatusCode != 200 {
+		t.Fatalf("carol after unban: %v %v", r, err)
+	}
+	// Ban from the online list: the banned page says so.
+	boss.do("user menu", chromedp.Click(css("#online-list button.more")))
+	boss.do("ban", chromedp.Click(css("#online-list .popover button")))
+	boss.do("confirm", chromedp.Click(css("#online-list .popover button.danger")))
+	bob.waitFor("bob told", `!document.getElementById("auth").hidden && document.getElementById("status").textContent === "You have been banned from this chat."`)
 	boss.waitFor("bob gone", `!document.getElementById("online-list").textContent.includes("bob")`)
+	boss.waitFor("bob listed", `document.getElementById("ban-list").textContent.includes("bob")`)
+}
+
+// After registering, the key sits in a real sign-up form (username and new
+// password), so that browsers offer to save it; it can be copied and
+// downloaded, and the login form is one a saved key fills in.
+func TestKeysThatBrowsersKeep(t *testing.T) {
+	s := startServer(t)
+	b := newBrowser(t, "keeper")
+	b.do("register",
+		chromedp.Navigate(s.url()),
+		chromedp.WaitVisible(css("#register-name")),
+		chromedp.SendKeys(css("#register-name"), "keeper"),
+		chromedp.Click(css("#register-form button")),
+		chromedp.WaitVisible(css("#new-key")),
+	)
+	b.waitFor("a sign-up form", `(() => {
+		const f = document.getElementById("new-key"), user = document.getElementById("key-user"), key = document.getElementById("key-value");
+		return f.tagName === "FORM" && user.autocomplete === "username" && user.value === "keeper" &&
+			key.type === "password" && key.autocomplete === "new-password" && key.value.length >= 32 &&
+			document.getElementById("key-shown").textContent === key.value &&
+			document.getElementById("use-key").type === "submit";
+	})()`)
+	key := get(b, "key", chromedp.Value(css("#key-value")))
+	// The page's own policy keeps fetch() away from blob: URLs: read the
+	// file from the Blob as the page makes it.
+	download := get(b, "download", chromedp.Evaluate[string](`new Promise((resolve) => {
+		const create = URL.createObjectURL, click = HTMLAnchorElement.prototype.click;
+		let name = "";
+		URL.createObjectURL = (blob) => { URL.createObjectURL = create; blob.text().then((text) => resolve(name + "|" + text)); return create(blob); };
+		HTMLAnchorElement.prototype.click = function () { HTMLAnchorElement.prototype.click = click; name = this.download; };
+		document.getElementById("download-key").click();
+	})`, chromedp.EvalAwaitPromise))
+	if !strings.HasPrefix(download, "gochat-key-keeper.txt|") || !strings.Contains(download, key) {
+		t.Fatalf("downloaded %q", download)
+	}
+	b.do("log in", chromedp.Click(css("#use-key")), chromedp.WaitVisible(css("#chat")))
+	b.do("log out", chromedp.Click(css("#logout")), chromedp.WaitVisible(css("#auth")))
+	b.waitFor("a login form a saved key fills in", `document.getElementById("login-name").autocomplete === "username" &&
+		document.getElementById("login-key").autocomplete === "current-password" && document.getElementById("login-key").type === "password"`)
+}
+
+// Shift+Enter starts a new line, Enter sends, lines show as typed, and the
+// focus stays in the box whether Enter or the button sent.
+func TestMultiLineMessagesKeepTheFocus(t *testing.T) {
+	s := startServer(t)
+	alice := newBrowser(t, "alice")
+	bob := newBrowser(t, "bob")
+	alice.register(s.url(), "alice")
+	bob.register(s.url(), "bob")
+	alice.do("type two lines",
+		chromedp.SendKeys(css("#message-input"), "line one"),
+		chromedp.KeyEvent(kb.Enter, chromedp.KeyModifiers(chromedp.ModifierShift)),
+		chromedp.SendKeys(css("#message-input"), "line two"+kb.Enter))
+	bob.waitFor("two lines, as typed", hasMessage("line one\nline two")+` && [...document.querySelectorAll("#messages li .text")].some(e => e.textContent === "line one\nline two" && e.getClientRects().length >= 2)`)
+	alice.waitFor("focus kept after Enter", `document.activeElement.id === "message-input" && document.getElementById("message-input").value === ""`)
+	alice.do("type and click send", chromedp.SendKeys(css("#message-input"), "by the button"), chromedp.Click(css("#send-form button")))
+	bob.waitFor("sent by the button", hasMessage("by the button"))
+	alice.waitFor("focus kept after the button", `document.activeElement.id === "message-input"`)
+	// A refusal's error goes once the text changes.
+	alice.do("too long", chromedp.SetValue(css("#message-input"), strings.Repeat("x", 301)), chromedp.Click(css("#send-form button")))
+	alice.waitFor("error", `document.getElementById("send-error").textContent !== ""`)
+	alice.do("edit", chromedp.SendKeys(css("#message-input"), kb.Backspace))
+	alice.waitFor("error cleared", `document.getElementById("send-error").textContent === ""`)
+}
+
+// Authors delete their own messages from a small menu, after a confirm;
+// others' messages offer them nothing.
+func TestDeleteOwnMessage(t *testing.T) {
+	s := startServer(t)
+	alice := newBrowser(t, "alice")
+	bob := newBrowser(t, "bob")
+	alice.register(s.url(), "alice")
+	bob.register(s.url(), "bob")
+	bob.send("bob's words")
+	alice.send("oops, wrong room")
+	bob.waitFor("both", hasMessage("oops, wrong room"))
+	alice.waitFor("acked", `document.querySelector("#messages li.mine[data-id] button.more") !== null`)
+	alice.waitFor("no menu on bob's", `[...document.querySelectorAll("#messages li:not(.mine)")].every(li => !li.querySelector("button.more"))`)
+	alice.do("open menu", chromedp.Click(css("#messages li.mine button.more")))
+	alice.do("delete", chromedp.Click(css("#messages li.mine .popover button")))
+	alice.waitFor("asks first", `document.querySelector("#messages li.mine .popover").textContent.includes("Delete this message?")`)
+	if !get(bob, "still there", chromedp.Evaluate[bool](hasMessage("oops, wrong room"))) {
+		t.Fatal("deleted before the confirm")
+	}
+	alice.do("confirm", chromedp.Click(css("#messages li.mine .popover button.danger")))
+	bob.waitFor("gone for bob", "!"+hasMessage("oops, wrong room"))
+	alice.waitFor("gone for alice", "!"+hasMessage("oops, wrong room"))
+}
+
+// Links keep the sentence's punctuation out and take www. addresses; a
+// mention stands out at 3:1 or more; one author's run shows the name once.
+func TestLinksMentionsAndRuns(t *testing.T) {
+	s := startServer(t)
+	alice := newBrowser(t, "alice")
+	bob := newBrowser(t, "bob")
+	alice.register(s.url(), "alice")
+	bob.register(s.url(), "bob")
+	alice.send("read https://example.com/list?page=2, then www.example.org/a. And (https://en.wikipedia.org/wiki/Go_(language)) @bob")
+	alice.send("and another")
+	bob.waitFor("links", `(() => {
+		const li = [...document.querySelectorAll("#messages li[data-author=alice]")].find(li => li.textContent.includes("read"));
+		return li && [...li.querySelectorAll("a")].map(a => a.href).join(" ") ===
+			"https://example.com/list?page=2 https://www.example.org/a https://en.wikipedia.org/wiki/Go_(language)";
+	})()`)
+	bob.waitFor("one name for the run", `(() => {
+		const items = [...document.querySelectorAll("#messages li[data-author=alice]")];
+		const shown = items.filter(li => li.querySelector(".author").getClientRects().length > 0 && li.querySelector(".author").offsetWidth > 1);
+		return items.length === 2 && shown.length === 1;
+	})()`)
+	ratio := get(bob, "mention contrast", chromedp.Evaluate[float64](`(() => {
+		const lum = (c) => {
+			const [r, g, b] = c.match(/[\d.]+/g).slice(0, 3).map(Number).map(v => v / 255).map(v => v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4);
+			return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+		};
+		const mark = document.querySelector("#messages mark.mention");
+		const a = lum(getComputedStyle(mark).backgroundColor), b = lum(getComputedStyle(mark.closest("li")).backgroundColor);
+		return (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+	})()`))
+	if ratio < 3 {
+		t.Fatalf("mention highlight contrast %.2f:1, want at least 3:1", ratio)
+	}
 }

@@ -34,6 +34,7 @@
     typing: new Map(), // who is typing: name -> timer that forgets them
     typedAt: 0, // when we last told the server we are typing
     takeover: false, // the next connect replaces this user's socket elsewhere
+    banned: false, // the server said so, right before it closed the socket
   };
 
   // --- HTTP ---
@@ -87,7 +88,7 @@
   function enterChat(name, admin) {
     Object.assign(state, {
       me: name, lastId: 0, oldestId: 0, seen: new Set(), pending: [],
-      online: new Set(), backoff: 0, noOlder: false, unread: 0, hadSocket: false, conflicts: 0,
+      online: new Set(), backoff: 0, noOlder: false, unread: 0, hadSocket: false, conflicts: 0, banned: false,
     });
     $("notify").hidden = !("Notification" in window) || Notification.permission !== "default";
     $("me").textContent = name;
@@ -95,13 +96,15 @@
     if (admin === undefined) {
       request("api/user/@me").then((res) => {
         state.admin = res.status === 200 && res.body.admin === true;
-        document.querySelectorAll("#messages li[data-id]").forEach(addDeleteButton);
+        document.querySelectorAll("#messages li[data-id]").forEach(addMessageActions);
         renderOnline();
+        showAdminPanel();
       }).catch(() => {});
     }
     $("messages").replaceChildren();
     $("send-error").textContent = "";
     renderOnline();
+    showAdminPanel();
     show("chat");
     connect();
     $("message-input").focus();
@@ -118,10 +121,23 @@
       $("register-error").textContent = errorText(res);
       return;
     }
+    // A real form with a username and a new password: browsers and password
+    // managers offer to save the key when it is submitted.
+    $("key-user").value = username;
     $("key-value").value = res.body.key;
+    $("key-shown").textContent = res.body.key;
     $("new-key").hidden = false;
     $("register-form").hidden = true;
     $("copy-key").focus();
+  });
+
+  $("download-key").addEventListener("click", () => {
+    const text = `gochat key for ${$("key-user").value} at ${location.origin}${location.pathname}\n${$("key-value").value}\n`;
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(new Blob([text], { type: "text/plain" }));
+    a.download = `gochat-key-${$("key-user").value}.txt`;
+    a.click();
+    setTimeout(() => URL.revokeObjectURL(a.href), 60000);
   });
 
   $("copy-key").addEventListener("click", async () => {
@@ -135,7 +151,10 @@
     $("copy-key").textContent = "Copied";
   });
 
-  $("use-key").addEventListener("click", () => login($("key-value").value));
+  $("new-key").addEventListener("submit", (e) => {
+    e.preventDefault();
+    login($("key-value").value);
+  });
 
   $("login-form").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -146,11 +165,13 @@
     $("login-error").textContent = "";
     const res = await postJSON("api/login", { key });
     if (res.status !== 200) {
-      $("login-error").textContent = res.status === 401 ? "Unknown key." : errorText(res);
+      $("login-error").textContent = res.status === 401 ? "Unknown key."
+        : res.status === 403 ? "You have been banned from this chat." : errorText(res);
       return;
     }
     $("login-key").value = "";
     $("key-value").value = "";
+    $("key-shown").textContent = "";
     $("new-key").hidden = true;
     $("register-form").hidden = false;
     $("copy-key").textContent = "Copy";
@@ -225,7 +246,7 @@
     }
     if (state.me === null) return;
     if (res && (res.status === 401 || res.status === 422)) {
-      showAuth("Your session has ended. Please log in again.");
+      showAuth(state.banned ? "You have been banned from this chat." : "Your session has ended. Please log in again.");
       return;
     }
     let delay = Math.max(Math.min(30000, 1000 * 2 ** state.backoff), state.holdUntil - Date.now());
@@ -304,6 +325,9 @@
         return addNotice("Some messages were missed while you were away; scroll up for older ones.", "notice");
       case "typing":
         return showTyping(f.username, true);
+      case "banned":
+        state.banned = true;
+        return;
     }
     if ("message" in f) {
       showTyping(f.author, false); // her message is what she was typing
@@ -337,7 +361,7 @@
     if (!p) return;
     if (f.status) {
       p.li.dataset.id = f.id;
-      addDeleteButton(p.li);
+      addMessageActions(p.li);
       state.seen.add(f.id);
       state.lastId = Math.max(state.lastId, f.id);
       if (!state.oldestId) state.oldestId = f.id;
@@ -351,6 +375,7 @@
     if (!input.value) { // give the text back, to edit and send again
       input.value = p.text;
       updateCounter();
+      fitInput();
     }
   }
 
@@ -419,38 +444,81 @@
     time.title = when.toLocaleString([], { dateStyle: "full", timeStyle: "short" });
     time.setAttribute("aria-label", time.title);
     li.dataset.day = when.toDateString();
+    li.dataset.author = m.author;
+    li.dataset.ts = String(when.getTime());
     li.append(author, text, time);
-    addDeleteButton(li);
+    addMessageActions(li);
     return li;
   }
 
-  // Admins get a delete button on each stored message.
-  function addDeleteButton(li) {
-    if (!state.admin || !li.dataset.id || li.querySelector("button.delete")) return;
-    const button = document.createElement("button");
-    button.type = "button";
-    button.className = "delete";
-    button.textContent = "Delete";
-    button.addEventListener("click", () => request(`api/messages/${li.dataset.id}`, { method: "DELETE" }));
-    li.append(button);
+  // A stored message of one's own, or any for an admin, gets a small menu
+  // to delete it.
+  function addMessageActions(li) {
+    const mine = li.classList.contains("mine");
+    if (!(state.admin || mine) || !li.dataset.id || li.querySelector("button.more")) return;
+    actionMenu(li, "Delete", "Delete this message?", async () => {
+      const res = await request(`api/messages/${li.dataset.id}`, { method: "DELETE" }).catch(() => null);
+      if (res && res.status !== 204 && res.status !== 404) addNotice(`Not deleted: ${errorText(res)}`, "notice");
+    });
   }
 
-  // richText turns a message into nodes: text as text, http(s) links as
-  // links, and @name of the signed-in user marked. Nothing else becomes
-  // markup.
+  // actionMenu adds to el a "⋯" button that opens a small menu of one
+  // action, which asks before it acts.
+  function actionMenu(el, label, question, act) {
+    const more = document.createElement("button");
+    more.type = "button";
+    more.className = "more";
+    more.textContent = "⋯";
+    more.setAttribute("aria-label", `${label}…`);
+    more.setAttribute("aria-expanded", "false");
+    const menu = document.createElement("span");
+    menu.className = "popover";
+    menu.hidden = true;
+    const close = () => {
+      menu.hidden = true;
+      more.setAttribute("aria-expanded", "false");
+    };
+    more.addEventListener("click", () => {
+      if (!menu.hidden) return close();
+      menu.replaceChildren(actionButton(label, "", () => {
+        const ask = document.createElement("span");
+        ask.textContent = question;
+        menu.replaceChildren(ask, actionButton(label, "danger", () => { close(); act(); }), actionButton("Cancel", "", close));
+        menu.querySelector("button.danger").focus();
+      }));
+      menu.hidden = false;
+      more.setAttribute("aria-expanded", "true");
+      menu.querySelector("button").focus();
+    });
+    el.append(more, menu);
+  }
+
+  function actionButton(text, className, onClick) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = text;
+    b.className = className;
+    b.addEventListener("click", onClick);
+    return b;
+  }
+
+  // richText turns a message into nodes: text as text, http(s) and www.
+  // links as links, and @name of the signed-in user marked. Nothing else
+  // becomes markup.
   function richText(message) {
     const nodes = [];
-    const pattern = /https?:\/\/[^\s<>"]+|@[A-Za-z0-9]{1,32}\b/g;
+    const pattern = /(?:https?:\/\/|www\.)[^\s<>"]+|@[A-Za-z0-9]{1,32}\b/g;
     let at = 0;
     for (const match of message.matchAll(pattern)) {
-      const token = match[0];
+      if (match.index < at) continue;
+      const token = match[0].startsWith("@") ? match[0] : trimLink(match[0]);
       let node = null;
       if (token.startsWith("@") && token.slice(1).toLowerCase() === String(state.me).toLowerCase()) {
         node = document.createElement("mark");
         node.className = "mention";
       } else if (!token.startsWith("@")) {
         node = document.createElement("a");
-        node.href = token;
+        node.href = token.startsWith("www.") ? `https://${token}` : token;
         node.rel = "noopener noreferrer";
         node.target = "_blank";
       }
@@ -462,6 +530,19 @@
     }
     nodes.push(document.createTextNode(message.slice(at)));
     return nodes;
+  }
+
+  // trimLink leaves out of a link the punctuation that ends the sentence
+  // around it: "see https://x.org/a." links to https://x.org/a. A closing
+  // parenthesis stays when the link opened one: (wiki/Go_(language)).
+  function trimLink(link) {
+    let end = link.length;
+    while (end > 0 && ".,;:!?'\")]".includes(link[end - 1])) {
+      const part = link.slice(0, end);
+      if (link[end - 1] === ")" && part.split("(").length >= part.split(")").length) break;
+      end--;
+    }
+    return link.slice(0, end);
   }
 
   function mentionsMe(message) {
@@ -510,6 +591,12 @@
   function appendItem(li, news = false) {
     const list = $("messages");
     const follow = atBottom();
+    // One author's messages within a few minutes show the name once.
+    const prev = list.lastElementChild;
+    if (li.dataset.author && prev && prev.dataset.author === li.dataset.author &&
+        prev.dataset.day === li.dataset.day && Number(li.dataset.ts) - Number(prev.dataset.ts) < 5 * 60 * 1000) {
+      li.classList.add("cont");
+    }
     if (li.dataset.day && li.dataset.day !== lastDay()) list.append(daySeparator(li.dataset.day));
     list.append(li);
     if (trimOldest()) renderDays();
@@ -667,18 +754,76 @@
     $("online-list").replaceChildren(...names.map((n) => {
       const li = document.createElement("li");
       li.textContent = n;
-      if (state.admin && n !== state.me) { // admins may ban from here
-        const ban = document.createElement("button");
-        ban.type = "button";
-        ban.className = "ban";
-        ban.textContent = "Ban";
-        ban.addEventListener("click", () => request(`api/user/${encodeURIComponent(n)}/ban`, { method: "POST" }));
-        li.append(" ", ban);
-      }
+      if (state.admin && n !== state.me) actionMenu(li, "Ban", `Ban ${n}?`, () => ban(n)); // admins may ban from here
       return li;
     }));
     $("online-count").textContent = `(${names.length})`;
+    $("show-online").textContent = `Who is online (${names.length})`;
   }
+
+  // --- moderation (admins) ---
+
+  function showAdminPanel() {
+    $("admin-panel").hidden = !state.admin;
+    if (state.admin) refreshBans();
+  }
+
+  async function ban(name) {
+    const res = await request(`api/user/${encodeURIComponent(name)}/ban`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: "{}",
+    }).catch(() => null);
+    $("ban-error").textContent = !res ? "The server is not answering."
+      : res.status === 200 ? "" : res.status === 404 ? `There is no user ${name}.` : errorText(res);
+    refreshBans();
+  }
+
+  async function refreshBans() {
+    const res = await request("api/bans").catch(() => null);
+    if (!res || res.status !== 200) return;
+    $("ban-list").replaceChildren(...res.body.bans.map((name) => {
+      const li = document.createElement("li");
+      li.textContent = `${name} `;
+      li.append(actionButton("Unban", "", async () => {
+        await request(`api/user/${encodeURIComponent(name)}/ban`, { method: "DELETE" }).catch(() => null);
+        refreshBans();
+      }));
+      return li;
+    }));
+    if (res.body.bans.length === 0) $("ban-list").textContent = "No one.";
+  }
+
+  $("ban-form").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const name = $("ban-name").value.trim();
+    const form = $("ban-form");
+    form.querySelector(".ask")?.remove();
+    const ask = document.createElement("p");
+    ask.className = "ask";
+    ask.append(`Ban ${name}? `, actionButton("Ban", "danger", () => {
+      ask.remove();
+      $("ban-name").value = "";
+      ban(name);
+    }), " ", actionButton("Cancel", "", () => ask.remove()));
+    form.append(ask);
+    ask.querySelector("button.danger").focus();
+  });
+
+  // --- the header's menu (a phone shows only the name, the state and it) ---
+
+  function closeMenu() {
+    $("menu").classList.remove("open");
+    $("menu-toggle").setAttribute("aria-expanded", "false");
+  }
+
+  $("menu-toggle").addEventListener("click", () => {
+    const open = $("menu").classList.toggle("open");
+    $("menu-toggle").setAttribute("aria-expanded", String(open));
+  });
+
+  $("show-online").addEventListener("click", () => {
+    closeMenu();
+    $("online-toggle").click();
+  });
 
   // --- sending ---
 
@@ -688,8 +833,32 @@
     $("counter").classList.toggle("over", n > MAX_CHARS);
   }
 
+  // The box grows with its text, up to a few lines; Enter sends and
+  // Shift+Enter starts a new line.
+  function fitInput() {
+    const input = $("message-input");
+    input.style.height = "auto";
+    input.style.height = `${Math.min(input.scrollHeight + 2, 160)}px`;
+  }
+
+  // keypress too: some keyboards (and test drivers) send the Enter's text
+  // apart from its keydown, and it must not land in the emptied box.
+  function enterSends(e) {
+    if (e.key !== "Enter" || e.shiftKey || e.isComposing) return;
+    e.preventDefault();
+    if (e.type === "keydown") $("send-form").requestSubmit();
+  }
+  $("message-input").addEventListener("keydown", enterSends);
+  $("message-input").addEventListener("keypress", enterSends);
+
+  // Pressing Send must not take the focus from the box: on a phone that
+  // would close the keyboard after every message.
+  $("send-form").querySelector("button").addEventListener("pointerdown", (e) => e.preventDefault());
+
   $("message-input").addEventListener("input", () => {
     updateCounter();
+    fitInput();
+    $("send-error").textContent = ""; // it was about the text before this change
     // At most every 2.5 s: the server passes one on every 2 s at most.
     const ws = state.ws;
     if ($("message-input").value && ws && ws.readyState === WebSocket.OPEN && Date.now() - state.typedAt > 2500) {
@@ -720,6 +889,8 @@
     scrollToEnd();
     input.value = "";
     updateCounter();
+    fitInput();
+    input.focus();
   });
 
   // A hook for the browser tests, and for trying reconnection by hand:
