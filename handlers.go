@@ -43,12 +43,20 @@ func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub 
 	mux.Handle("GET /{$}", handleStatic("index.html"))
 	mux.Handle("GET /app.js", handleStatic("app.js"))
 	mux.Handle("GET /style.css", handleStatic("style.css"))
-	return trustProxies(cfg.TrustedProxies, countResponses(metrics, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, pattern := mux.Handler(r); pattern == "" {
+	return trustProxies(cfg.TrustedProxies, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w = &statusRecorder{ResponseWriter: w, metrics: metrics}
+		_, pattern := mux.Handler(r)
+		switch mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); {
+		case pattern == "":
 			w = &errorRewriter{ResponseWriter: w}
+		case (r.Method == http.MethodPost || r.Method == http.MethodDelete) && mt != "application/json":
+			// No HTML form, from another site or another port of this one,
+			// can send this type: no state changes on a visitor's behalf.
+			writeError(w, http.StatusUnsupportedMediaType, "Content-Type must be application/json")
+			return
 		}
 		mux.ServeHTTP(w, r)
-	})))
+	}))
 }
 
 // errorRewriter turns the mux's plain-text error answers into JSON ones.
@@ -102,13 +110,8 @@ func internalError(w http.ResponseWriter, log *slog.Logger, r *http.Request, err
 }
 
 // bodyField returns the string of a body {"<name>": "<string>"}, answering
-// 413, 415 or 422 itself. The JSON media type, which a plain HTML form
-// cannot send, keeps other sites' forms from posting here.
+// 413 or 422 itself.
 func bodyField(w http.ResponseWriter, r *http.Request, name string) (string, bool) {
-	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
-		writeError(w, http.StatusUnsupportedMediaType, "Content-Type must be application/json")
-		return "", false
-	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 	if err != nil {
 		writeError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body larger than %d bytes", maxBodyBytes))

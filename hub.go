@@ -210,17 +210,18 @@ func (h *Hub) admit(c *client, since int64) {
 		return // kicked before its handshake ended
 	}
 	c.inRoom = true
+	replay := since >= 0 && since <= h.lastID // beyond the newest: from before a restore
 	after, limit := int64(0), h.history
-	if since >= 0 {
+	if replay {
 		after, limit = since, h.replayMax
 	}
-	msgs, err := h.store.Messages(context.Background(), after, 0, limit, since >= 0)
+	msgs, err := h.store.Messages(context.Background(), after, 0, limit, replay)
 	if err != nil {
 		h.log.Error("replay", "user", c.user, "err", err)
 	}
 	// Deleted messages keep their ids as tombstones, so a hole after since
 	// is retention's, or beyond replayMax.
-	if since >= 0 && (len(msgs) == 0 && since < h.lastID || len(msgs) > 0 && msgs[0].ID > since+1) {
+	if since > h.lastID || replay && (len(msgs) == 0 && since < h.lastID || len(msgs) > 0 && msgs[0].ID > since+1) {
 		h.queue(c, gapFrame)
 	}
 	for _, m := range msgs {

@@ -874,6 +874,7 @@ func TestDeletedMessagesAreNeverDeliveredAfterTheirDeleteNorReplayed(t *testing.
 			if len(page.Messages) == 1 && !deleted[page.Messages[0].ID] {
 				deleted[page.Messages[0].ID] = true
 				r, _ = http.NewRequest("DELETE", fmt.Sprint(s.url, "/api/messages/", page.Messages[0].ID), nil)
+				r.Header.Set("Content-Type", "application/json")
 				r.AddCookie(boss)
 				if resp, err := http.DefaultClient.Do(r); err == nil {
 					resp.Body.Close()
@@ -942,7 +943,9 @@ func TestRetentionDuringAStormNeverReplaysWhatItDeleted(t *testing.T) {
 	}
 	defer func() { close(stop); senders.Wait() }()
 	for range 12 {
-		ws := s.connect(t, cookie, dialOpts{query: "?since=0"})
+		// Each round replaces the last one's socket: no close handshake to
+		// wait out behind thousands of queued frames.
+		ws := s.connect(t, cookie, dialOpts{query: "?since=0&takeover=1"})
 		next := int64(0)
 		for seen := 0; seen < 100; {
 			f := ws.next()
@@ -954,7 +957,7 @@ func TestRetentionDuringAStormNeverReplaysWhatItDeleted(t *testing.T) {
 			}
 			next, seen = idOf(f)+1, seen+1
 		}
-		ws.close()
+		ws.c.Close()
 	}
 }
 
@@ -1114,5 +1117,22 @@ func TestTakeoverReplacesTheOtherSocket(t *testing.T) {
 	}
 	if got := fmt.Sprint(s.request(t, "GET", "/api/online", "", cookie).expect(t, 200).body["online_clients"]); got != "[Roamer Watcher]" {
 		t.Fatalf("online: %s", got)
+	}
+}
+
+// A since beyond the newest stored id comes from before a restore: the
+// client gets a gap and the newest history, not silence.
+func TestSinceBeyondTheNewestIsAGap(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	cookie := s.user(t, "Restorer")
+	writer := s.connect(t, s.user(t, "Writer"))
+	last := sendAndAck(t, writer, "the newest")
+	ws := s.connect(t, cookie, dialOpts{query: fmt.Sprintf("?since=%d", last+100)})
+	if f := ws.next(); f["event"] != "gap" {
+		t.Fatalf("first frame %v, want a gap", f)
+	}
+	if f := ws.next(); f["message"] != "the newest" || f["history"] != true {
+		t.Fatalf("after the gap %v, want the newest history", f)
 	}
 }

@@ -101,6 +101,9 @@ func allowed(w http.ResponseWriter, limit *rateLimiter, keys ...string) bool {
 // IPv6 /64, as one host usually has a whole /64 to pick from.
 func clientKey(r *http.Request) string {
 	addr := clientAddr(r)
+	if !addr.IsValid() {
+		addr = peerAddr(r) // an unreadable hop: counted as the proxy's
+	}
 	if addr.Is6() {
 		p, _ := addr.Prefix(64)
 		return p.String()
@@ -114,9 +117,12 @@ func clientKey(r *http.Request) string {
 func clientAddr(r *http.Request) netip.Addr {
 	if hops := r.Header.Values("X-Forwarded-For"); len(hops) > 0 {
 		last := hops[len(hops)-1]
-		if a, err := netip.ParseAddr(strings.TrimSpace(last[strings.LastIndexByte(last, ',')+1:])); err == nil {
-			return a.Unmap()
+		hop := strings.TrimSpace(last[strings.LastIndexByte(last, ',')+1:])
+		if ap, err := netip.ParseAddrPort(hop); err == nil {
+			return ap.Addr().Unmap()
 		}
+		a, _ := netip.ParseAddr(hop)
+		return a.Unmap() // invalid if unreadable: never loopback or trusted
 	}
 	return peerAddr(r)
 }

@@ -411,3 +411,44 @@ func TestWebSocketOpensAreLimited(t *testing.T) {
 	s.clock.Advance(time.Second)
 	s.connect(t, flapper).close()
 }
+
+// Every POST and DELETE must say it is JSON, with a body or not: no plain
+// form, from any site or port, changes anything on a visitor's behalf.
+func TestStateChangesRequireJSON(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-admins", "Boss")
+	boss := s.user(t, "Boss")
+	bob := s.user(t, "Bob")
+	id := sendAndAck(t, s.connect(t, bob), "keep me")
+	form := []string{"Content-Type", "application/x-www-form-urlencoded"}
+	s.request(t, "POST", "/api/user/Bob/ban", "", boss, form...).expect(t, 415)
+	s.request(t, "DELETE", fmt.Sprint("/api/messages/", id), "", boss, form...).expect(t, 415)
+	s.request(t, "POST", "/api/logout", "", bob, "Content-Type", "").expect(t, 415)
+	s.request(t, "GET", "/api/user/@me", "", bob).expect(t, 200) // still logged in, not banned
+	if r := s.request(t, "GET", "/api/messages", "", bob).expect(t, 200); !strings.Contains(r.raw, "keep me") {
+		t.Fatalf("message gone: %s", r.raw)
+	}
+	s.request(t, "POST", "/api/nowhere", "", bob, form...).expect(t, 404) // unknown paths stay 404
+}
+
+// A trusted proxy's last X-Forwarded-For hop may carry a port; a hop that
+// cannot be read is nobody's address: never loopback for /metrics.
+func TestForwardedForWithPorts(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-auth-rate", "0.001", "-auth-burst", "1")
+	for _, hop := range []string{"203.0.113.9:41234", "[2001:db8::1]:443", "garbage", "127.0.0.1:9, nonsense"} {
+		s.request(t, "GET", "/metrics", "", nil, "X-Forwarded-For", hop).expect(t, 404)
+	}
+	req, _ := http.NewRequest("GET", s.url+"/metrics", nil)
+	req.Header.Set("X-Forwarded-For", "127.0.0.1:5555")
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("metrics for a loopback hop with a port: %v %v", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+	// Each address with a port is its own client for the limits.
+	for _, hop := range []string{"198.51.100.1:1000", "198.51.100.2:1000"} {
+		s.request(t, "POST", "/api/login", `{"key":"x"}`, nil, "X-Forwarded-For", hop).expect(t, 401)
+	}
+	s.request(t, "POST", "/api/login", `{"key":"x"}`, nil, "X-Forwarded-For", "198.51.100.1:2000").expect(t, 429)
+}

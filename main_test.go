@@ -196,7 +196,7 @@ func (s *testServer) request(t testing.TB, method, path, body string, cookie *ht
 	if cookie != nil {
 		req.AddCookie(cookie)
 	}
-	if method == "POST" {
+	if method == "POST" || method == "DELETE" {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	for i := 0; i+1 < len(headers); i += 2 {

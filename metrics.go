@@ -80,14 +80,7 @@ func handleMetrics(m *Metrics, hub *Hub, trusted []netip.Prefix) http.Handler {
 	})
 }
 
-// countResponses counts HTTP responses by status class.
-func countResponses(m *Metrics, next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		next.ServeHTTP(&statusRecorder{ResponseWriter: w, metrics: m}, r)
-	})
-}
-
-// statusRecorder counts statuses; Unwrap lets the WebSocket upgrade hijack.
+// statusRecorder counts responses by status class; Unwrap lets /ws hijack.
 type statusRecorder struct {
 	http.ResponseWriter
 	metrics *Metrics

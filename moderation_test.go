@@ -33,6 +33,7 @@ func TestAdminsDeleteMessages(t *testing.T) {
 		t.Fatalf("no cookie: %d", r.status)
 	}
 	req, _ := http.NewRequest("DELETE", s.url+path, nil)
+	req.Header.Set("Content-Type", "application/json")
 	req.AddCookie(boss)
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil || resp.StatusCode != 204 {
@@ -62,6 +63,7 @@ func TestAdminsDeleteMessages(t *testing.T) {
 	mine := sendAndAck(t, aliceWS, "mine, and then not")
 	s.request(t, "DELETE", fmt.Sprint("/api/messages/", mine), "", carol).expect(t, 403)
 	req, _ = http.NewRequest("DELETE", fmt.Sprint(s.url, "/api/messages/", mine), nil)
+	req.Header.Set("Content-Type", "application/json")
 	req.AddCookie(alice)
 	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != 204 {
 		t.Fatalf("delete own: %v %v", resp, err)

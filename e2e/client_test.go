@@ -415,3 +415,15 @@ func TestLinksMentionsAndRuns(t *testing.T) {
 		t.Fatalf("mention highlight contrast %.2f:1, want at least 3:1", ratio)
 	}
 }
+
+// A gap (after a restore, say) starts the page again from the newest
+// history that follows it, rather than appending to what it had.
+func TestGapStartsThePageAgain(t *testing.T) {
+	s := startServer(t)
+	alice := newBrowser(t, "alice")
+	alice.register(s.url(), "alice")
+	alice.send("from before")
+	alice.waitFor("acked", `document.querySelector("#messages li.mine .state").textContent.includes("delivered")`)
+	alice.exec(`window.gochatDebug.receive({event: "gap"}); window.gochatDebug.receive({id: 1, author: "bob", message: "restored", time: new Date().toISOString(), history: true})`)
+	alice.waitFor("page started again", `!`+hasMessage("from before")+` && `+hasMessage("restored")+` && document.querySelector("#messages li.notice").textContent.includes("missed")`)
+}

@@ -39,8 +39,11 @@
 
   // --- HTTP ---
 
+  // request fetches path. Every POST and DELETE says it is JSON, as the
+  // server insists, so that no plain form can change anything.
   async function request(path, options = {}) {
-    const resp = await fetch(path, { credentials: "same-origin", ...options });
+    const headers = options.method ? { "Content-Type": "application/json", ...options.headers } : options.headers;
+    const resp = await fetch(path, { credentials: "same-origin", ...options, headers });
     let body = null;
     try {
       body = await resp.json();
@@ -321,7 +324,11 @@
       case "delete":
         document.querySelector(`#messages li[data-id="${Number(f.id)}"]`)?.remove();
         return renderDays();
-      case "gap":
+      case "gap": // the newest history follows: start the page again from it
+        state.seen = new Set();
+        state.lastId = state.oldestId = 0;
+        state.noOlder = false;
+        $("messages").replaceChildren();
         return addNotice("Some messages were missed while you were away; scroll up for older ones.", "notice");
       case "typing":
         return showTyping(f.username, true);
