@@ -176,7 +176,7 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 		user, sid, ok := authenticate(w, r, sessions)
 		// Every open is a join and a leave for everyone: limit them per user
 		// and per client address.
-		if !ok || !allowed(w, opens, "user "+strings.ToLower(user), "ip "+clientKey(r)) {
+		if !ok || !allowed(w, r, hub.log, "opens", opens, "user "+strings.ToLower(user), "ip "+clientKey(r)) {
 			return
 		}
 		since, sinceOK := int64(-1), true
@@ -198,6 +198,7 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 			slot := reserve{c, r.URL.Query().Get("takeover") == "1", make(chan error, 1)}
 			err := hub.ask(slot, slot.result)
 			if err != nil {
+				hub.log.Info("websocket refused", "user", user, "client", clientAddr(r), "err", err)
 				status := map[error]int{errTaken: http.StatusConflict, errExpired: http.StatusUnauthorized}[err]
 				writeError(w, cmp.Or(status, http.StatusServiceUnavailable), err.Error()) // full, or shutting down
 				return
@@ -211,7 +212,7 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 			}
 			// Logged on net/http's goroutine, which ends next: a log line grows
 			// a stack by KiB that the socket's goroutine would keep.
-			hub.log.Info("websocket open", "user", user, "client", clientKey(r))
+			hub.log.Info("websocket open", "user", user, "client", clientAddr(r))
 			go runSocket(hj, r, c, hub, ping, since)
 		}
 	})
@@ -249,5 +250,5 @@ func runSocket(hj hijacked, r *http.Request, c *client, hub *Hub, ping time.Dura
 		},
 	}.ServeHTTP(hj, r)
 	hub.send(left{c, closeNormal}) // for a failed handshake; else a no-op
-	hub.log.Info("websocket closed", "user", c.user, "client", clientKey(r), "code", sent)
+	hub.log.Info("websocket closed", "user", c.user, "client", clientAddr(r), "code", sent)
 }

@@ -26,8 +26,8 @@ const maxBodyBytes = 4 << 10
 // with the mux's own 404 and 405 answers turned into JSON errors.
 func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, metrics *Metrics, authRate, openRate *rateLimiter) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("POST /api/register", limitAuth(authRate, handleRegister(store, sessions, metrics, log)))
-	mux.Handle("POST /api/login", limitAuth(authRate, handleLogin(store, sessions, metrics, log)))
+	mux.Handle("POST /api/register", limitAuth(authRate, log, handleRegister(store, sessions, metrics, log)))
+	mux.Handle("POST /api/login", limitAuth(authRate, log, handleLogin(store, sessions, metrics, log)))
 	mux.Handle("GET /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("POST /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("GET /api/online", handleOnline(sessions, hub))
@@ -149,6 +149,7 @@ func handleRegister(store *Store, sessions *Sessions, metrics *Metrics, log *slo
 		case err != nil:
 			internalError(w, log, r, err)
 		default:
+			log.Info("registered", "user", name, "client", clientAddr(r))
 			metrics.Add("gochat_registrations_total", 1)
 			writeJSON(w, http.StatusCreated, map[string]string{"key": key})
 		}
@@ -168,8 +169,10 @@ func handleLogin(store *Store, sessions *Sessions, metrics *Metrics, log *slog.L
 		}
 		switch {
 		case errors.Is(err, ErrNotFound):
+			log.Warn("login failed: unknown key", "client", clientAddr(r)) // never the key
 			writeError(w, http.StatusUnauthorized, "unknown key")
 		case errors.Is(err, errBanned):
+			log.Warn("login failed: banned", "user", user, "client", clientAddr(r))
 			writeError(w, http.StatusForbidden, "banned")
 		case err != nil:
 			internalError(w, log, r, err)

@@ -492,3 +492,40 @@ func TestMetricsCountTheTraffic(t *testing.T) {
 	// A client of the (trusted, loopback) proxy is someone on the internet.
 	s.request(t, "GET", "/metrics", "", nil, "X-Forwarded-For", "203.0.113.5").expect(t, 404)
 }
+
+// The log tells an operator what happened, by whom and from where, and
+// never holds a key or a session id.
+func TestLogsSayWhatHappened(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-admins", "Boss", "-auth-rate", "0.001", "-auth-burst", "6")
+	key := s.register(t, "Eve")
+	eve := s.login(t, key)
+	boss := s.user(t, "Boss")
+	s.request(t, "POST", "/api/login", `{"key":"wrong-key-1234"}`, nil).expect(t, 401)
+	for i := 0; s.request(t, "POST", "/api/login", `{"key":"wrong-key-1234"}`, nil).status != 429; i++ {
+		if i > 10 {
+			t.Fatal("no 429 after the burst")
+		}
+	}
+	ws := s.connect(t, eve)
+	if second, r := s.dialWS(t, eve, dialOpts{}); second != nil || r.status != 409 {
+		t.Fatalf("second socket: %d", r.status)
+	}
+	s.request(t, "POST", "/api/user/Eve/ban", "", boss).expect(t, 200)
+	if code := ws.expectClose(5 * time.Second); code != closePolicyViolation {
+		t.Fatalf("banned socket closed with %d", code)
+	}
+	s.request(t, "DELETE", "/api/user/Eve/ban", "", boss).expect(t, 200)
+	s.waitForLog(t, "msg=registered", "user=Eve", "client=127.0.0.1")
+	s.waitForLog(t, "level=WARN", `msg="login failed: unknown key"`, "client=127.0.0.1")
+	s.waitForLog(t, "level=WARN", `msg="rate limited"`, "limit=auth", "client=127.0.0.1")
+	s.waitForLog(t, `msg="websocket refused"`, "user=Eve", `err="user already has an open WebSocket"`)
+	s.waitForLog(t, "msg=ban", "user=Eve", "banned=true", "admin=Boss")
+	s.waitForLog(t, "msg=ban", "user=Eve", "banned=false")
+	s.waitForLog(t, `msg="websocket closed"`, "user=Eve", "client=127.0.0.1", "code=1008")
+	for _, secret := range []string{key, eve.Value, boss.Value, "wrong-key-1234"} {
+		if strings.Contains(s.logs.String(), secret) {
+			t.Fatalf("a secret in the log:\n%s", s.logs.String())
+		}
+	}
+}

@@ -4,10 +4,12 @@
 package main
 
 import (
+	"log/slog"
 	"math"
 	"net/http"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -77,18 +79,19 @@ func (l *rateLimiter) Sweep() {
 }
 
 // limitAuth limits registrations and logins per client.
-func limitAuth(limit *rateLimiter, next http.Handler) http.Handler {
+func limitAuth(limit *rateLimiter, log *slog.Logger, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if allowed(w, limit, clientKey(r)) {
+		if allowed(w, r, log, "auth", limit, clientKey(r)) {
 			next.ServeHTTP(w, r)
 		}
 	})
 }
 
 // allowed takes a token for each key, or answers 429 with Retry-After.
-func allowed(w http.ResponseWriter, limit *rateLimiter, keys ...string) bool {
+func allowed(w http.ResponseWriter, r *http.Request, log *slog.Logger, name string, limit *rateLimiter, keys ...string) bool {
 	for _, key := range keys {
 		if ok, wait := limit.Allow(key); !ok {
+			log.Warn("rate limited", "limit", name, "key", key, "client", clientAddr(r))
 			w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
 			writeError(w, http.StatusTooManyRequests, "too many requests, slow down")
 			return false
@@ -154,12 +157,7 @@ func trustProxies(trusted []netip.Prefix, next http.Handler) http.Handler {
 }
 
 func inPrefixes(addr netip.Addr, prefixes []netip.Prefix) bool {
-	for _, p := range prefixes {
-		if p.Contains(addr) {
-			return true
-		}
-	}
-	return false
+	return slices.ContainsFunc(prefixes, func(p netip.Prefix) bool { return p.Contains(addr) })
 }
 
 // requestScheme is the scheme the client used, behind a proxy too.

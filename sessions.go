@@ -55,12 +55,11 @@ func (s *session) expired(now time.Time, ttl time.Duration) bool {
 
 // NewSessions loads the live sessions of users not banned.
 func NewSessions(ctx context.Context, ttl time.Duration, now func() time.Time, store *Store) (*Sessions, error) {
-	s := &Sessions{ttl: ttl, now: now, store: store, m: make(map[sessionKey]*session), perUser: make(map[string]int)}
+	s := &Sessions{ttl: ttl, now: now, store: store, m: map[sessionKey]*session{}, perUser: map[string]int{}, banned: map[string]bool{}}
 	err := store.LoadSessions(ctx, now().Add(-ttl), func(key sessionKey, user string, lastUsed time.Time) {
 		s.add(key, &session{user: user, lastUsed: lastUsed})
 	})
 	bans, err2 := store.Bans(ctx)
-	s.banned = map[string]bool{}
 	for _, name := range bans {
 		s.banned[strings.ToLower(name)] = true
 	}
