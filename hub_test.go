@@ -921,7 +921,7 @@ func TestDeletedMessagesAreNeverDeliveredAfterTheirDeleteNorReplayed(t *testing.
 func TestRetentionDuringAStormNeverReplaysWhatItDeleted(t *testing.T) {
 	t.Parallel()
 	s := startServer(t, "-history-max", "50", "-replay-max", "5000")
-	s.crowd(t, 30)
+	s.crowd(t, 10)
 	cookie := s.user(t, "Replayer")
 	stop := make(chan struct{})
 	var senders sync.WaitGroup
@@ -942,7 +942,7 @@ func TestRetentionDuringAStormNeverReplaysWhatItDeleted(t *testing.T) {
 		}()
 	}
 	defer func() { close(stop); senders.Wait() }()
-	for range 12 {
+	for range 6 {
 		// Each round replaces the last one's socket: no close handshake to
 		// wait out behind thousands of queued frames.
 		ws := s.connect(t, cookie, dialOpts{query: "?since=0&takeover=1"})
