@@ -90,11 +90,7 @@ func TestQuickSendsAreMarkedRightAndRefusedTextIsKept(t *testing.T) {
 
 // Typing shows on the other's page, and her message clears it.
 func TestTypingIndicator(t *testing.T) {
-	s := startServer(t)
-	alice := newBrowser(t, "alice")
-	bob := newBrowser(t, "bob")
-	alice.register(s.url(), "alice")
-	bob.register(s.url(), "bob")
+	_, alice, bob := aliceAndBob(t)
 	alice.waitFor("bob online", `document.getElementById("online-list").textContent.includes("bob")`)
 	alice.do("type", chromedp.SendKeys(css("#message-input"), "hello th"))
 	bob.waitFor("alice typing", `document.getElementById("typing").textContent === "alice is typing…"`)
@@ -109,11 +105,7 @@ func TestTypingIndicator(t *testing.T) {
 // Scrolled up, a new message shows a pill that jumps to it; in a hidden tab
 // the title counts what came, and a mention notifies when allowed.
 func TestUnreadPillTitleAndMentionNotification(t *testing.T) {
-	s := startServer(t)
-	alice := newBrowser(t, "alice")
-	bob := newBrowser(t, "bob")
-	alice.register(s.url(), "alice")
-	bob.register(s.url(), "bob")
+	_, alice, bob := aliceAndBob(t)
 	alice.sendMany("filler", 40)
 	bob.waitFor("filler", hasMessage("filler 39"))
 	bob.exec(`document.getElementById("messages").scrollTop = 0`)
@@ -166,11 +158,7 @@ func TestDaySeparatorsAndFullDates(t *testing.T) {
 // Links become links, the reader's own @name is marked, and nothing else is
 // ever markup.
 func TestLinksAndMentions(t *testing.T) {
-	s := startServer(t)
-	alice := newBrowser(t, "alice")
-	bob := newBrowser(t, "bob")
-	alice.register(s.url(), "alice")
-	bob.register(s.url(), "bob")
+	_, alice, bob := aliceAndBob(t)
 	text := `see https://example.com/a?b=1&c=2 and @bob, not @alice <b>bold</b> javascript:alert(1)`
 	alice.send(text)
 	bob.waitFor("message", hasMessage(text))
@@ -337,11 +325,7 @@ func TestKeysThatBrowsersKeep(t *testing.T) {
 // Shift+Enter starts a new line, Enter sends, lines show as typed, and the
 // focus stays in the box whether Enter or the button sent.
 func TestMultiLineMessagesKeepTheFocus(t *testing.T) {
-	s := startServer(t)
-	alice := newBrowser(t, "alice")
-	bob := newBrowser(t, "bob")
-	alice.register(s.url(), "alice")
-	bob.register(s.url(), "bob")
+	_, alice, bob := aliceAndBob(t)
 	alice.do("type two lines",
 		chromedp.SendKeys(css("#message-input"), "line one"),
 		chromedp.KeyEvent(kb.Enter, chromedp.KeyModifiers(chromedp.ModifierShift)),
@@ -361,11 +345,7 @@ func TestMultiLineMessagesKeepTheFocus(t *testing.T) {
 // Authors delete their own messages from a small menu, after a confirm;
 // others' messages offer them nothing.
 func TestDeleteOwnMessage(t *testing.T) {
-	s := startServer(t)
-	alice := newBrowser(t, "alice")
-	bob := newBrowser(t, "bob")
-	alice.register(s.url(), "alice")
-	bob.register(s.url(), "bob")
+	_, alice, bob := aliceAndBob(t)
 	bob.send("bob's words")
 	alice.send("oops, wrong room")
 	bob.waitFor("both", hasMessage("oops, wrong room"))
@@ -385,11 +365,7 @@ func TestDeleteOwnMessage(t *testing.T) {
 // Links keep the sentence's punctuation out and take www. addresses; a
 // mention stands out at 3:1 or more; one author's run shows the name once.
 func TestLinksMentionsAndRuns(t *testing.T) {
-	s := startServer(t)
-	alice := newBrowser(t, "alice")
-	bob := newBrowser(t, "bob")
-	alice.register(s.url(), "alice")
-	bob.register(s.url(), "bob")
+	_, alice, bob := aliceAndBob(t)
 	alice.send("read https://example.com/list?page=2, then www.example.org/a. And (https://en.wikipedia.org/wiki/Go_(language)) @bob")
 	alice.send("and another")
 	bob.waitFor("links", `(() => {

@@ -190,6 +190,16 @@ func countMessage(text string) string {
 	return fmt.Sprintf(`[...document.querySelectorAll("#messages li .text")].filter(e => e.textContent === %q).length`, text)
 }
 
+// aliceAndBob starts a server with alice and bob signed up, each in a
+// browser of their own.
+func aliceAndBob(t *testing.T) (*server, *browser, *browser) {
+	s := startServer(t)
+	alice, bob := newBrowser(t, "alice"), newBrowser(t, "bob")
+	alice.register(s.url(), "alice")
+	bob.register(s.url(), "bob")
+	return s, alice, bob
+}
+
 // register signs up through the page and returns the key it showed.
 func (b *browser) register(url, name string) string {
 	b.do("register",
