@@ -26,7 +26,7 @@ const maxBodyBytes = 4 << 10
 // with the mux's own 404 and 405 answers turned into JSON errors.
 func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, metrics *Metrics, authRate, openRate *rateLimiter) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("POST /api/register", limitAuth(authRate, log, handleRegister(store, sessions, metrics, log)))
+	mux.Handle("POST /api/register", limitAuth(authRate, log, handleRegister(store, sessions, cfg.Admins, metrics, log)))
 	mux.Handle("POST /api/login", limitAuth(authRate, log, handleLogin(store, sessions, metrics, log)))
 	mux.Handle("GET /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("POST /api/logout", handleLogout(sessions, hub, log))
@@ -129,14 +129,17 @@ func validUsername(name string) bool {
 		"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") == ""
 }
 
-func handleRegister(store *Store, sessions *Sessions, metrics *Metrics, log *slog.Logger) http.Handler {
+func handleRegister(store *Store, sessions *Sessions, admins map[string]bool, metrics *Metrics, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		name, ok := bodyField(w, r, "username")
-		if !ok {
+		switch {
+		case !ok:
 			return
-		}
-		if !validUsername(name) {
+		case !validUsername(name):
 			writeError(w, http.StatusBadRequest, "username must be 1 to 32 ASCII letters or digits")
+			return
+		case isAdmin(admins, name) && !clientAddr(r).IsLoopback(): // else a stranger could take it first
+			writeError(w, http.StatusForbidden, "an admin's name is registered from the server itself")
 			return
 		}
 		key := rand.Text() + rand.Text() // 52 characters, 260 random bits

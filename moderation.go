@@ -60,12 +60,11 @@ func handleBans(store *Store, sessions *Sessions, admins map[string]bool, log *s
 		if _, ok := admin(w, r, sessions, admins); !ok {
 			return
 		}
-		bans, err := store.Bans(r.Context())
-		if err != nil {
+		if bans, err := store.Bans(r.Context()); err != nil {
 			internalError(w, log, r, err)
-			return
+		} else {
+			writeJSON(w, http.StatusOK, map[string][]string{"bans": bans})
 		}
-		writeJSON(w, http.StatusOK, map[string][]string{"bans": bans})
 	})
 }
 

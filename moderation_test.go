@@ -293,3 +293,17 @@ func (s *testServer) allMessages(t *testing.T, cookie *http.Cookie) []map[string
 		before = fmt.Sprint("&before=", idOf(all[len(all)-1]))
 	}
 }
+
+// An -admins name nobody has registered yet cannot be taken from outside:
+// only a request from the server itself registers it.
+func TestAdminNamesCannotBeSquatted(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-admins", "Boss")
+	outside := []string{"X-Forwarded-For", "203.0.113.7"} // relayed by the trusted local proxy
+	s.request(t, "POST", "/api/register", `{"username":"boss"}`, nil, outside...).expect(t, 403)
+	s.request(t, "POST", "/api/register", `{"username":"Visitor"}`, nil, outside...).expect(t, 201)
+	key := s.request(t, "POST", "/api/register", `{"username":"Boss"}`, nil).expect(t, 201).body["key"]
+	if r := s.request(t, "GET", "/api/user/@me", "", s.login(t, fmt.Sprint(key))).expect(t, 200); r.body["admin"] != true {
+		t.Fatalf("the operator's admin: %s", r.raw)
+	}
+}

@@ -179,8 +179,7 @@ func (s *Sessions) Banned(name string) bool {
 	return s.banned[strings.ToLower(name)]
 }
 
-// Delete ends a session, its row first, so that a failed logout changes
-// nothing. Unknown ids are ignored.
+// Delete ends a session, its row first: a failed logout changes nothing.
 func (s *Sessions) Delete(ctx context.Context, id string) error {
 	key := keyOf(id)
 	if err := s.store.DeleteSession(ctx, key); err != nil {

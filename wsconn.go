@@ -39,8 +39,7 @@ const (
 	closeReplaced        = 4000 // ours: the user took over on another connection
 )
 
-// upgradeProblem returns why the library would refuse r's handshake, or
-// "", so that the refusal has a JSON body.
+// upgradeProblem says why the library would refuse r's handshake, or "".
 func upgradeProblem(r *http.Request) string {
 	switch {
 	case r.Method != http.MethodGet: // the GET route also matches HEAD
