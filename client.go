@@ -179,8 +179,8 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 		if !ok || !allowed(w, r, hub.log, "opens", opens, "user "+strings.ToLower(user), "ip "+clientKey(r)) {
 			return
 		}
-		since, sinceOK := int64(-1), true
-		if q := r.URL.Query(); q.Has("since") {
+		q, since, sinceOK := r.URL.Query(), int64(-1), true
+		if q.Has("since") {
 			since, sinceOK = parseUint(q.Get("since"))
 		}
 		c := newClient(user, sid)
@@ -195,7 +195,7 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 		case !sinceOK:
 			writeError(w, http.StatusBadRequest, "since must be a non-negative integer")
 		default:
-			slot := reserve{c, r.URL.Query().Get("takeover") == "1", make(chan error, 1)}
+			slot := reserve{c, q.Get("takeover") == "1", make(chan error, 1)}
 			err := hub.ask(slot, slot.result)
 			if err != nil {
 				hub.log.Info("websocket refused", "user", user, "client", clientAddr(r), "err", err)

@@ -54,11 +54,7 @@
   }
 
   function postJSON(path, value) {
-    return request(path, {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify(value),
-    });
+    return request(path, { method: "POST", body: JSON.stringify(value) });
   }
 
   function errorText(res) {
@@ -381,8 +377,7 @@
     const input = $("message-input");
     if (!input.value) { // give the text back, to edit and send again
       input.value = p.text;
-      updateCounter();
-      fitInput();
+      inputChanged();
     }
   }
 
@@ -776,9 +771,7 @@
   }
 
   async function ban(name) {
-    const res = await request(`api/user/${encodeURIComponent(name)}/ban`, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: "{}",
-    }).catch(() => null);
+    const res = await postJSON(`api/user/${encodeURIComponent(name)}/ban`, {}).catch(() => null);
     $("ban-error").textContent = !res ? "The server is not answering."
       : res.status === 200 ? "" : res.status === 404 ? `There is no user ${name}.` : errorText(res);
     refreshBans();
@@ -834,16 +827,13 @@
 
   // --- sending ---
 
-  function updateCounter() {
-    const n = [...$("message-input").value].length; // code points, as the server counts
+  // inputChanged counts the box's characters and fits the box to its text,
+  // which grows up to a few lines; Enter sends, Shift+Enter starts a line.
+  function inputChanged() {
+    const input = $("message-input");
+    const n = [...input.value].length; // code points, as the server counts
     $("counter").textContent = `${n}/${MAX_CHARS}`;
     $("counter").classList.toggle("over", n > MAX_CHARS);
-  }
-
-  // The box grows with its text, up to a few lines; Enter sends and
-  // Shift+Enter starts a new line.
-  function fitInput() {
-    const input = $("message-input");
     input.style.height = "auto";
     input.style.height = `${Math.min(input.scrollHeight + 2, 160)}px`;
   }
@@ -863,8 +853,7 @@
   $("send-form").querySelector("button").addEventListener("pointerdown", (e) => e.preventDefault());
 
   $("message-input").addEventListener("input", () => {
-    updateCounter();
-    fitInput();
+    inputChanged();
     $("send-error").textContent = ""; // it was about the text before this change
     // At most every 2.5 s: the server passes one on every 2 s at most.
     const ws = state.ws;
@@ -895,8 +884,7 @@
     appendItem(li);
     scrollToEnd();
     input.value = "";
-    updateCounter();
-    fitInput();
+    inputChanged();
     input.focus();
   });
 
