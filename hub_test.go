@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -390,7 +391,7 @@ func TestStalledReaderDoesNotDelayOthersAndIsDropped(t *testing.T) {
 
 // metrics returns the text of /metrics.
 func (s *testServer) metrics(t *testing.T) string {
-	resp, err := http.Get(s.url + "/metrics")
+	resp, err := cmp.Or(s.client, http.DefaultClient).Get(s.url + "/metrics")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,7 @@ package main
 import (
 	"log/slog"
 	"math"
+	"net"
 	"net/http"
 	"net/netip"
 	"net/url"
@@ -100,18 +101,100 @@ func allowed(w http.ResponseWriter, r *http.Request, log *slog.Logger, name stri
 	return true
 }
 
-// clientKey is what limits count by: the client's IPv4 address, or its
-// IPv6 /64, as one host usually has a whole /64 to pick from.
+// clientKey is what the request limits count by.
 func clientKey(r *http.Request) string {
 	addr := clientAddr(r)
 	if !addr.IsValid() {
 		addr = peerAddr(r) // an unreadable hop: counted as the proxy's
 	}
+	return addrKey(addr)
+}
+
+// addrKey is what limits count by: an IPv4 address, or an IPv6 /64, as
+// one host usually has a whole /64 to pick from.
+func addrKey(addr netip.Addr) string {
 	if addr.Is6() {
 		p, _ := addr.Prefix(64)
 		return p.String()
 	}
 	return addr.String()
+}
+
+// connLimiter caps each client address's connections below the server's
+// cap (netutil.LimitListener, around it), so that one client cannot take
+// them all; trusted proxies' are many clients'. From crowdedAt on, the
+// server is to close idle connections and keep none (setCrowded), until
+// it is down to half that.
+// A connection's kernel send buffer is kept small: a peer that stopped
+// reading stalls a write after a few hundred KiB, not many MiB.
+type connLimiter struct {
+	net.Listener
+	perClient, crowdedAt int
+	exempt         []netip.Prefix
+	setCrowded     func(bool)
+	metrics        *Metrics
+
+	mu      sync.Mutex
+	open    map[string]int // by addrKey
+	total   int
+	crowded bool // Accept's own
+}
+
+func (l *connLimiter) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		if tcp, ok := c.(*net.TCPConn); ok {
+			tcp.SetWriteBuffer(64 << 10)
+		}
+		if counted := l.count(c); counted != nil {
+			return counted, nil
+		}
+		l.metrics.Add("gochat_connections_refused_total", 1)
+		c.Close()
+	}
+}
+
+// count counts c against its address, or returns nil if it has its fill.
+func (l *connLimiter) count(c net.Conn) net.Conn {
+	peer, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+	key := addrKey(peer.Addr().Unmap())
+	l.mu.Lock()
+	full := l.open[key] >= l.perClient && !inPrefixes(peer.Addr().Unmap(), l.exempt)
+	if !full {
+		l.open[key]++
+		l.total++
+	}
+	crowded := l.total >= l.crowdedAt || l.crowded && l.total >= l.crowdedAt/2
+	l.mu.Unlock()
+	if crowded != l.crowded { // not under mu: it closes connections, which uncount
+		l.crowded = crowded
+		l.setCrowded(crowded)
+	}
+	if full {
+		return nil
+	}
+	return countedConn{c, sync.OnceFunc(func() {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		l.total--
+		if l.open[key]--; l.open[key] == 0 {
+			delete(l.open, key)
+		}
+	})}
+}
+
+// countedConn is uncounted on its first Close.
+type countedConn struct {
+	net.Conn
+	uncount func()
+}
+
+func (c countedConn) Close() error {
+	c.uncount()
+	return c.Conn.Close()
 }
 
 // clientAddr is the TCP peer, or the last hop of X-Forwarded-For, which

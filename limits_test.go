@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"database/sql"
 	"fmt"
 	"io"
@@ -95,6 +96,74 @@ func TestFailedLoginsLookAlike(t *testing.T) {
 	b := s.request(t, "POST", "/api/login", `{"key":"completely-wrong"}`, nil).expect(t, 401)
 	if a.raw != b.raw {
 		t.Fatalf("failed logins differ: %q vs %q", a.raw, b.raw)
+	}
+}
+
+// get sends GET path on c and reads the answer.
+func get(t *testing.T, c net.Conn, path string) (*http.Response, error) {
+	t.Helper()
+	if _, err := fmt.Fprintf(c, "GET %s HTTP/1.1\r\nHost: x\r\n\r\n", path); err != nil {
+		return nil, err
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err == nil {
+		resp.Body.Close()
+	}
+	return resp, err
+}
+
+func dial(t *testing.T, s *testServer, from string) net.Conn {
+	t.Helper()
+	c, err := (&net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}).Dial("tcp", s.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func TestOneAddressCannotTakeEveryConnection(t *testing.T) {
+	t.Parallel()
+	// No trusted proxy: loopback is a client like any other.
+	s := startServer(t, "-max-conns-per-ip", "3", "-trusted-proxies", "192.0.2.1")
+	for range 3 {
+		dial(t, s, "127.0.0.1")
+	}
+	if resp, err := get(t, dial(t, s, "127.0.0.1"), "/healthz"); err == nil {
+		t.Fatalf("a fourth connection from one address was served: %s", resp.Status)
+	}
+	// Another address still gets its requests and its socket.
+	other := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.IP{127, 0, 0, 2}}}
+	s.client = &http.Client{Transport: &http.Transport{DialContext: other.DialContext}}
+	s.request(t, "GET", "/healthz", "", nil).expect(t, 200)
+	if ws, r := s.dialWS(t, s.user(t, "Other"), dialOpts{from: "127.0.0.2"}); ws == nil {
+		t.Fatalf("socket refused: %d %s", r.status, r.raw)
+	}
+	if m := s.metrics(t); !strings.Contains(m, "gochat_connections_refused_total 1\n") {
+		t.Fatalf("refusal not counted:\n%s", m)
+	}
+}
+
+func TestIdleConnectionsCloseNearTheCap(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-max-conns", "1") // 1025 connections, 768 of them near the cap
+	idle := dial(t, s, "127.0.0.1")
+	if _, err := get(t, idle, "/healthz"); err != nil {
+		t.Fatal(err)
+	}
+	// At the 768th connection the idle one is closed, and answers say
+	// Connection: close.
+	var last net.Conn
+	for range 767 {
+		last = dial(t, s, "127.0.0.1")
+	}
+	idle.SetReadDeadline(time.Now().Add(30 * time.Second)) // the idle timeout is 60 s
+	if _, err := idle.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("idle connection near the cap: %v, want EOF", err)
+	}
+	if resp, err := get(t, last, "/healthz"); err != nil || !resp.Close {
+		t.Fatalf("answer near the cap keeps the connection: %v", err)
 	}
 }
 

@@ -41,7 +41,7 @@ type config struct {
 	TrustedProxies                 []netip.Prefix
 	MsgRate, AuthRate, OpenRate    float64
 	MsgBurst, AuthBurst, OpenBurst int
-	MaxConns                       int
+	MaxConns, MaxConnsPerIP        int
 	History, ReplayMax, HistoryMax int
 	HistoryKeep                    time.Duration
 	now                            func() time.Time // tests set the clock,
@@ -87,6 +87,7 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 		return err
 	})
 	fs.IntVar(&cfg.MaxConns, "max-conns", 10000, "most simultaneous WebSockets")
+	fs.IntVar(&cfg.MaxConnsPerIP, "max-conns-per-ip", 256, "most connections from one client address (IPv6: /64), trusted proxies aside")
 	fs.IntVar(&cfg.History, "history", 50, "stored messages sent on connect (0: none)")
 	fs.IntVar(&cfg.ReplayMax, "replay-max", 1000, "most messages replayed on reconnect with ?since=")
 	fs.DurationVar(&cfg.HistoryKeep, "history-keep", 720*time.Hour, "how long messages are kept")
@@ -103,8 +104,8 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 		return cfg, errors.New("-tls-cert and -tls-key go together")
 	case cfg.LogFormat != "text" && cfg.LogFormat != "json":
 		return cfg, errors.New("-log-format is text or json")
-	case cfg.MsgRate < 0 || cfg.AuthRate < 0 || cfg.OpenRate < 0 || cfg.History < 0 || cfg.ReplayMax < 0 || cfg.MaxConns < 1 || cfg.HistoryMax < 1:
-		return cfg, errors.New("rates, -history and -replay-max must not be negative, -max-conns and -history-max at least 1")
+	case cfg.MsgRate < 0 || cfg.AuthRate < 0 || cfg.OpenRate < 0 || cfg.History < 0 || cfg.ReplayMax < 0 || cfg.MaxConns < 1 || cfg.MaxConnsPerIP < 1 || cfg.HistoryMax < 1:
+		return cfg, errors.New("rates, -history and -replay-max must not be negative, -max-conns* and -history-max at least 1")
 	}
 	return cfg, nil
 }
@@ -188,9 +189,15 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		// What net/http reports (accept failing, TLS handshakes) needs an operator.
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	metrics := &Metrics{}
 	// Beyond -max-conns sockets and some requests, connections wait in the
 	// kernel's queue instead of using up descriptors.
-	ln = netutil.LimitListener(smallSendBuffers{ln}, cfg.MaxConns+1024)
+	maxConns := cfg.MaxConns + 1024
+	ln = netutil.LimitListener(&connLimiter{Listener: ln, perClient: cfg.MaxConnsPerIP, crowdedAt: maxConns * 3 / 4,
+		exempt: cfg.TrustedProxies, metrics: metrics, open: map[string]int{}, setCrowded: func(crowded bool) {
+			log.Warn("connections near their cap: idle ones closed, keep-alives off", "near", crowded)
+			srv.SetKeepAlivesEnabled(!crowded)
+		}}, maxConns)
 	certs := &certFiles{cert: cfg.TLSCert, key: cfg.TLSKey}
 	if cfg.TLSCert != "" {
 		if err := certs.reload(); err != nil {
@@ -198,7 +205,6 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		}
 		ln = tls.NewListener(ln, &tls.Config{GetCertificate: certs.get, MinVersion: tls.VersionTLS12})
 	}
-	metrics := &Metrics{}
 	store, err := OpenStore(cfg.DB, metrics)
 	if err != nil {
 		return err
@@ -309,18 +315,6 @@ func (c *certFiles) reload() error {
 }
 
 func (c *certFiles) get(*tls.ClientHelloInfo) (*tls.Certificate, error) { return c.loaded.Load(), nil }
-
-// smallSendBuffers caps each connection's kernel send buffer: a peer that
-// stopped reading stalls a write after a few hundred KiB, not many MiB.
-type smallSendBuffers struct{ net.Listener }
-
-func (l smallSendBuffers) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if tcp, ok := c.(*net.TCPConn); ok {
-		tcp.SetWriteBuffer(64 << 10)
-	}
-	return c, err
-}
 
 // every calls f every interval until ctx is done.
 func every(ctx context.Context, interval time.Duration, f func()) {

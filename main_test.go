@@ -289,6 +289,7 @@ type dialOpts struct {
 	headers []string    // name, value pairs
 	readBuf int         // SO_RCVBUF for the client socket, 0: default
 	tls     *tls.Config // dial wss: instead of ws:
+	from    string      // the client's local IP, 0: the default
 }
 
 // dialWS opens /ws. It returns the connection on 101, else the HTTP answer.
@@ -302,7 +303,7 @@ func (s *testServer) dialWS(t testing.TB, cookie *http.Cookie, opts dialOpts) (*
 		// A small receive buffer is set before connecting, so that the
 		// window the peer is offered fits it: set after, the kernel drops
 		// what does not fit and the sender backs off for seconds.
-		d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(opts.from)}, Control: func(_, _ string, rc syscall.RawConn) error {
 			if opts.readBuf > 0 {
 				rc.Control(func(fd uintptr) { syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, opts.readBuf) })
 			}
