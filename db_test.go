@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -456,4 +457,38 @@ func TestBackupDuringAStorm(t *testing.T) {
 		t.Fatalf("backup command: exit %d, %s", code, out)
 	}
 	checkIntegrity(t, other)
+}
+
+// A backup that fails part way (here on a file size limit, as on a full
+// disk) leaves no file under its name, nor a partial one beside it; a
+// complete one is readable by its owner only.
+func TestFailedBackupLeavesNoFile(t *testing.T) {
+	t.Parallel()
+	db := filepath.Join(t.TempDir(), "chat.db")
+	store, err := OpenStore(db, &Metrics{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var msgs []*Message
+	for range 2000 {
+		msgs = append(msgs, &Message{Author: "Filler", Text: strings.Repeat("x", 300), Time: time.Now()})
+	}
+	if err := errors.Join(store.AddMessages(msgs), store.Close()); err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	target := filepath.Join(dir, "backup.db")
+	if code, out := runToExitEnv(t, []string{"GOCHAT_TEST_FSIZE=262144"}, "backup", "-db", db, target); code == 0 {
+		t.Fatalf("backup of 600 KB within a 256 KiB file size limit succeeded: %s", out)
+	}
+	if left, _ := os.ReadDir(dir); len(left) > 0 {
+		t.Fatalf("a failed backup left %s", left[0].Name())
+	}
+	if code, out := runToExit(t, "backup", "-db", db, target); code != 0 {
+		t.Fatalf("backup: exit %d, %s", code, out)
+	}
+	if info, err := os.Stat(target); err != nil || info.Mode().Perm() != 0o600 {
+		t.Fatalf("backup file: %v, %v; want mode 0600", info.Mode(), err)
+	}
+	checkIntegrity(t, target)
 }

@@ -328,8 +328,14 @@ func checkIntegrity(t *testing.T, path string) {
 // runToExit runs the command with args and returns its exit code and output.
 func runToExit(t *testing.T, args ...string) (int, string) {
 	t.Helper()
+	return runToExitEnv(t, nil, args...)
+}
+
+// runToExitEnv is runToExit with env added to the command's environment.
+func runToExitEnv(t *testing.T, env []string, args ...string) (int, string) {
+	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "GOCHAT_TEST_SERVER=1", "GOCHAT_TEST_ARGS="+string(mustJSON(args)))
+	cmd.Env = append(os.Environ(), append(env, "GOCHAT_TEST_SERVER=1", "GOCHAT_TEST_ARGS="+string(mustJSON(args)))...)
 	done := make(chan struct{})
 	var out []byte
 	var err error

@@ -26,6 +26,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -42,6 +43,9 @@ func TestMain(m *testing.M) {
 		if err := json.Unmarshal([]byte(os.Getenv("GOCHAT_TEST_ARGS")), &args); err != nil {
 			fmt.Fprintln(os.Stderr, err)
 			os.Exit(2)
+		}
+		if n, err := strconv.ParseUint(os.Getenv("GOCHAT_TEST_FSIZE"), 10, 64); err == nil {
+			syscall.Setrlimit(syscall.RLIMIT_FSIZE, &syscall.Rlimit{Cur: n, Max: n}) // a disk that fills up
 		}
 		os.Args = append([]string{"gochat"}, args...)
 		main()
