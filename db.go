@@ -20,9 +20,13 @@ var (
 	ErrNotYours  = errors.New("not yours")      // another user's message
 )
 
-// schema creates what is missing. Message ids are AUTOINCREMENT: never
-// handed out twice, even after retention deleted the newest rows.
-const schema = `
+// migrations[v] brings the schema from version v (PRAGMA user_version) to
+// v+1. Append a change as a new step, never edit one: every database, made
+// by any release, then ends with the same schema. Step 0 is the schema the
+// releases before versions made, so it creates only what is missing.
+// Message ids are AUTOINCREMENT: never handed out twice, even after
+// retention deleted the newest rows.
+var migrations = []string{`
 CREATE TABLE IF NOT EXISTS users (
 	id         INTEGER PRIMARY KEY,
 	username   TEXT NOT NULL UNIQUE COLLATE NOCASE,
@@ -43,7 +47,29 @@ CREATE TABLE IF NOT EXISTS sessions (
 	key       BLOB PRIMARY KEY,
 	username  TEXT NOT NULL,
 	last_used INTEGER NOT NULL
-) WITHOUT ROWID;`
+) WITHOUT ROWID;`,
+}
+
+// migrate takes the schema to its last version in one transaction: a
+// failed step changes nothing, and a second process finds the work done.
+func (s *Store) migrate() error {
+	return s.inTx(func(tx *sql.Tx) error {
+		var version int
+		if err := tx.QueryRow(`PRAGMA user_version`).Scan(&version); err != nil {
+			return err
+		}
+		if version > len(migrations) {
+			return fmt.Errorf("schema version %d is newer than this gochat's %d", version, len(migrations))
+		}
+		for v := version; v < len(migrations); v++ {
+			if _, err := tx.Exec(migrations[v]); err != nil {
+				return fmt.Errorf("migrate to version %d: %w", v+1, err)
+			}
+		}
+		_, err := tx.Exec(fmt.Sprintf(`PRAGMA user_version = %d`, len(migrations)))
+		return err
+	})
+}
 
 // Message is one stored chat message.
 type Message struct {
@@ -75,19 +101,22 @@ func OpenStore(path string, metrics *Metrics) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open db %s: %w", path, err)
 	}
+	// Transactions are immediate: a deferred one that reads, then writes,
+	// fails at once if another process writes meanwhile.
 	db, err := sql.Open("sqlite", "file:"+(&url.URL{Path: path}).EscapedPath()+
-		"?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)")
+		"?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_txlock=immediate")
 	if err != nil {
-		return nil, fmt.Errorf("open db %s: %w", path, err)
-	}
-	if _, err := db.Exec(schema); err != nil {
-		db.Close()
 		return nil, fmt.Errorf("open db %s: %w", path, err)
 	}
 	// One connection: SQLite takes one writer at a time anyway, and
 	// database/sql's queue is fairer and quicker than SQLite's busy wait.
 	db.SetMaxOpenConns(1)
-	return &Store{db: db, path: path, file: info, metrics: metrics}, nil
+	s := &Store{db: db, path: path, file: info, metrics: metrics}
+	if err := s.migrate(); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("open db %s: %w", path, err)
+	}
+	return s, nil
 }
 
 // Close closes the database. Later calls do nothing.

@@ -6,6 +6,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -491,4 +492,53 @@ func TestFailedBackupLeavesNoFile(t *testing.T) {
 		t.Fatalf("backup file: %v, %v; want mode 0600", info.Mode(), err)
 	}
 	checkIntegrity(t, target)
+}
+
+// A database made before the schema had a version (testdata/v0.db, made by
+// that code: users Ann, Boss and Troll, Troll banned; messages 1 to 3, 2
+// deleted; Ann's session "ann-session") keeps every user, message, session
+// and ban through the upgrade and a restart, and ends at the last version.
+func TestUpgradeKeepsEverything(t *testing.T) {
+	t.Parallel()
+	fixture, err := os.ReadFile("testdata/v0.db")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "chat.db")
+	if err := os.WriteFile(path, fixture, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		s := startServer(t, "-db", path, "-admins", "Boss", "-session-ttl", "100000h", "-history-keep", "100000h")
+		r := s.request(t, "GET", "/api/messages", "", &http.Cookie{Name: "session", Value: "ann-session"}).expect(t, 200)
+		if got := fmt.Sprint(r.body["messages"]); !strings.Contains(got, "author:Ann id:1 message:first") ||
+			!strings.Contains(got, "author:Boss id:3 message:welcome") || strings.Contains(got, "id:2") {
+			t.Fatalf("messages after the upgrade: %s", r.raw)
+		}
+		if r := s.request(t, "GET", "/api/bans", "", s.login(t, "boss-key")).expect(t, 200); fmt.Sprint(r.body["bans"]) != "[Troll]" {
+			t.Fatalf("bans after the upgrade: %s", r.raw)
+		}
+		s.login(t, "ann-key")
+		s.request(t, "POST", "/api/login", `{"key":"troll-key"}`, nil).expect(t, 403)
+		s.request(t, "POST", "/api/register", `{"username":"troll"}`, nil).expect(t, 403)
+		if err := s.stop(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var version int
+	if err := db.QueryRow(`PRAGMA user_version`).Scan(&version); err != nil || version != len(migrations) {
+		t.Fatalf("user_version %d (%v), want %d", version, err, len(migrations))
+	}
+	// A database from a newer gochat is not opened by an older one.
+	if _, err := db.Exec(`PRAGMA user_version = 1000`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenStore(path, &Metrics{}); err == nil || !strings.Contains(err.Error(), "newer") {
+		t.Fatalf("opened a database of a newer version: %v", err)
+	}
 }
