@@ -493,6 +493,40 @@ func TestMetricsCountTheTraffic(t *testing.T) {
 	s.request(t, "GET", "/metrics", "", nil, "X-Forwarded-For", "203.0.113.5").expect(t, 404)
 }
 
+// /metrics explains every family (HELP, TYPE), has every series before
+// its first event, the process's and Go's own figures, and the version.
+func TestMetricsAreCompleteFromTheStart(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	m := s.metrics(t)
+	for _, series := range []string{`gochat_messages_refused_total{code="rate_limited"} 0`, "gochat_logins_total 0",
+		`gochat_clients_dropped_total{reason="silent"} 0`, `gochat_http_responses_total{class="5xx"} 0`,
+		"gochat_db_commit_seconds_count 0", `gochat_build_info{version="`, "process_cpu_seconds_total ",
+		"process_start_time_seconds ", "go_goroutines ", "go_memstats_heap_alloc_bytes ", "go_gc_cycles_total "} {
+		if !strings.Contains(m, "\n"+series) {
+			t.Errorf("no %s in:\n%s", series, m)
+		}
+	}
+	explained := map[string]int{} // by family: 1 with HELP, 2 with TYPE too
+	for _, line := range strings.Split(strings.TrimSpace(m), "\n") {
+		if f, ok := strings.CutPrefix(line, "# HELP "); ok {
+			explained[strings.Fields(f)[0]] = 1
+		} else if f, ok := strings.CutPrefix(line, "# TYPE "); ok {
+			explained[strings.Fields(f)[0]]++
+		} else if family := strings.TrimSuffix(strings.FieldsFunc(line, func(r rune) bool { return r == '{' || r == ' ' })[0],
+			"_bucket"); explained[family] != 2 && explained[strings.TrimSuffix(strings.TrimSuffix(family, "_sum"), "_count")] != 2 {
+			t.Errorf("%q without HELP and TYPE before it", line)
+		}
+	}
+	for _, live := range []string{"process_resident_memory_bytes", "process_open_fds"} {
+		var v float64
+		_, after, _ := strings.Cut(m, "\n"+live+" ")
+		if fmt.Sscan(after, &v); v <= 0 {
+			t.Errorf("%s is not positive in:\n%s", live, m)
+		}
+	}
+}
+
 // The log tells an operator what happened, by whom and from where, and
 // never holds a key or a session id.
 func TestLogsSayWhatHappened(t *testing.T) {

@@ -130,9 +130,9 @@ func addrKey(addr netip.Addr) string {
 type connLimiter struct {
 	net.Listener
 	perClient, crowdedAt int
-	exempt         []netip.Prefix
-	setCrowded     func(bool)
-	metrics        *Metrics
+	exempt               []netip.Prefix
+	setCrowded           func(bool)
+	metrics              *Metrics
 
 	mu      sync.Mutex
 	open    map[string]int // by addrKey

@@ -37,6 +37,7 @@ func main() {
 type config struct {
 	Addr, DB, TLSCert, TLSKey      string
 	LogFormat                      string
+	Version                        bool
 	SessionTTL, PingInterval       time.Duration
 	AllowedOrigins, Admins         map[string]bool
 	TrustedProxies                 []netip.Prefix
@@ -55,6 +56,12 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 		TrustedProxies: []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}}
 	fs := flag.NewFlagSet("gochat", flag.ContinueOnError)
 	fs.SetOutput(out)
+	fs.Usage = func() {
+		fmt.Fprint(out, "Usage:\n  gochat [flags]                     serve the chat\n",
+			"  gochat backup [-db chat.db] FILE   copy the database, while it serves too\n  gochat -version\n\nFlags:\n")
+		fs.PrintDefaults()
+	}
+	fs.BoolVar(&cfg.Version, "version", false, "print the version and exit")
 	fs.StringVar(&cfg.Addr, "addr", "0.0.0.0:7777", "listen address")
 	fs.StringVar(&cfg.DB, "db", "chat.db", "SQLite database file (created if missing)")
 	fs.DurationVar(&cfg.SessionTTL, "session-ttl", time.Hour, "idle session lifetime")
@@ -139,6 +146,10 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	if err != nil {
 		return err
+	}
+	if cfg.Version {
+		fmt.Fprintln(stdout, "gochat", buildVersion())
+		return nil
 	}
 	ln, err := net.Listen("tcp", cfg.Addr)
 	if err != nil {

@@ -676,8 +676,12 @@ func TestBadFlagsAndFilesFailClearly(t *testing.T) {
 	if err := run(ctx, []string{"-tls-cert", "x.pem"}, &out); err == nil || !strings.Contains(err.Error(), "-tls-key") {
 		t.Fatalf("cert without key: %v", err)
 	}
-	if err := run(ctx, []string{"-h"}, &out); err != nil || !strings.Contains(out.String(), "-session-ttl") {
+	if err := run(ctx, []string{"-h"}, &out); err != nil || !containsAll(out.String(), []string{"-session-ttl", "gochat backup", "-version"}) {
 		t.Fatalf("-h: err %v, usage %q", err, out.String())
+	}
+	out.Reset()
+	if err := run(ctx, []string{"-version"}, &out); err != nil || !strings.HasPrefix(out.String(), "gochat ") {
+		t.Fatalf("-version: err %v, %q", err, out.String())
 	}
 	missingDir := filepath.Join(t.TempDir(), "no", "such", "dir", "chat.db")
 	if err := run(ctx, []string{"-addr", "127.0.0.1:0", "-db", missingDir}, io.Discard); err == nil || !strings.Contains(err.Error(), "open db") {
