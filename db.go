@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"path/filepath"
 	"slices"
 	"time"
 
@@ -121,6 +122,35 @@ func OpenStore(path string, metrics *Metrics) (*Store, error) {
 
 // Close closes the database. Later calls do nothing.
 func (s *Store) Close() error { return s.db.Close() }
+
+// Backup writes a consistent copy of the database to target, a new file
+// readable by its owner only. The copy is made under a temporary name and
+// linked to target once complete, on disk (VACUUM INTO syncs as the
+// database does) and checked: a killed or failed backup leaves no file
+// under target, and nothing is ever written over it.
+func (s *Store) Backup(target string) error {
+	if _, err := os.Stat(target); !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("%s exists, or cannot be checked: not writing over it", target)
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(target), filepath.Base(target)+".*.partial") // mode 0600
+	if err != nil {
+		return err
+	}
+	tmp.Close()
+	defer os.Remove(tmp.Name())
+	check := ""
+	_, err = s.db.Exec(`VACUUM INTO ?1; ATTACH ?1 AS copy`, tmp.Name())
+	if err == nil {
+		err = s.db.QueryRow(`PRAGMA copy.quick_check`).Scan(&check)
+	}
+	if err == nil && check != "ok" {
+		err = errors.New(check)
+	}
+	if err != nil {
+		return err
+	}
+	return os.Link(tmp.Name(), target) // unlike a rename, never over another file
+}
 
 // hashKey is what the database keeps of a key: a lookup by hash takes the
 // same time however close a wrong key is.

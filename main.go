@@ -15,7 +15,6 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -162,10 +161,7 @@ func run(ctx context.Context, args []string, stdout io.Writer) error {
 	return serve(ctx, cfg, ln, slog.New(log))
 }
 
-// backup writes a consistent copy of the database, running or not, to a
-// temporary name beside FILE, readable by its owner only. FILE appears only
-// once the copy is complete, on disk (VACUUM INTO syncs as the database
-// does) and checked, and is never written over.
+// backup copies the database to a new FILE, running or not.
 func backup(args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("gochat backup", flag.ContinueOnError)
 	fs.SetOutput(stdout)
@@ -176,39 +172,18 @@ func backup(args []string, stdout io.Writer) error {
 	if fs.NArg() != 1 {
 		return errors.New("usage: gochat backup [-db chat.db] FILE")
 	}
-	target := fs.Arg(0)
 	if _, err := os.Stat(*db); err != nil {
 		return fmt.Errorf("backup: %w", err)
-	}
-	if _, err := os.Stat(target); !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("backup: %s exists, or cannot be checked: not writing over it", target)
 	}
 	store, err := OpenStore(*db, &Metrics{})
 	if err != nil {
 		return err
 	}
 	defer store.Close()
-	tmp, err := os.CreateTemp(filepath.Dir(target), filepath.Base(target)+".*.partial") // mode 0600
-	if err != nil {
-		return fmt.Errorf("backup: %w", err)
+	if err := store.Backup(fs.Arg(0)); err != nil {
+		return fmt.Errorf("backup to %s: %w", fs.Arg(0), err)
 	}
-	tmp.Close()
-	defer os.Remove(tmp.Name())
-	check := ""
-	_, err = store.db.Exec(`VACUUM INTO ?1; ATTACH ?1 AS copy`, tmp.Name())
-	if err == nil {
-		err = store.db.QueryRow(`PRAGMA copy.quick_check`).Scan(&check)
-	}
-	if err == nil && check != "ok" {
-		err = errors.New(check)
-	}
-	if err == nil {
-		err = os.Link(tmp.Name(), target) // unlike a rename, never over another file
-	}
-	if err != nil {
-		return fmt.Errorf("backup to %s: %w", target, err)
-	}
-	fmt.Fprintln(stdout, "gochat: backed up", *db, "to", target)
+	fmt.Fprintln(stdout, "gochat: backed up", *db, "to", fs.Arg(0))
 	return nil
 }
 
