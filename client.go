@@ -60,18 +60,23 @@ func (c *client) enqueue(frame []byte) bool {
 }
 
 // close makes the write pump send what is queued, then a close frame.
-func (c *client) close(code int) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.code = code
-	c.signal()
-}
+func (c *client) close(code int) { c.update(func() { c.code = code }) }
 
 // discardQueue forgets what waits, for a client too slow to read it.
-func (c *client) discardQueue() {
+func (c *client) discardQueue() { c.update(func() { c.queue, c.queued = nil, 0 }) }
+
+// startProbe makes the write pump ping now and give the peer probeTimeout
+// to answer: a phone that lost its network holds its user's one slot, and
+// the user coming back on another connection should wait seconds, not two
+// ping intervals.
+func (c *client) startProbe() { c.update(func() { c.probe = true }) }
+
+// update changes c under its lock and wakes the write pump.
+func (c *client) update(change func()) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.queue, c.queued = nil, 0
+	change()
+	c.signal()
 }
 
 func (c *client) signal() {
@@ -79,17 +84,6 @@ func (c *client) signal() {
 	case c.wake <- struct{}{}:
 	default: // a wake-up is pending already
 	}
-}
-
-// startProbe makes the write pump ping now and give the peer probeTimeout
-// to answer: a phone that lost its network holds its user's one slot, and
-// the user coming back on another connection should wait seconds, not two
-// ping intervals.
-func (c *client) startProbe() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.probe = true
-	c.signal()
 }
 
 // take empties the queue: its frames, the close code, whether to probe.
