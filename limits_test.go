@@ -165,6 +165,7 @@ func TestIdleConnectionsCloseNearTheCap(t *testing.T) {
 	if resp, err := get(t, last, "/healthz"); err != nil || !resp.Close {
 		t.Fatalf("answer near the cap keeps the connection: %v", err)
 	}
+	s.waitForLog(t, "keep-alives off")
 }
 
 func TestMaxConnsRefusesBeforeUpgrade(t *testing.T) {

@@ -203,7 +203,7 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	maxConns := cfg.MaxConns + 1024
 	ln = netutil.LimitListener(&connLimiter{Listener: ln, perClient: cfg.MaxConnsPerIP, crowdedAt: maxConns * 3 / 4,
 		exempt: cfg.TrustedProxies, metrics: metrics, open: map[string]int{}, setCrowded: func(crowded bool) {
-			log.Warn("connections near their cap: idle ones closed, keep-alives off", "near", crowded)
+			log.Warn("keep-alives " + map[bool]string{true: "off, idle connections closed: near the connection cap", false: "on again"}[crowded])
 			srv.SetKeepAlivesEnabled(!crowded)
 		}}, maxConns)
 	certs := &certFiles{cert: cfg.TLSCert, key: cfg.TLSKey}
