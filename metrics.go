@@ -51,8 +51,9 @@ func (m *Metrics) ObserveCommit(d time.Duration) {
 	m.commitS += d.Seconds()
 }
 
-// counters names every counter there is, each with its help and label
-// sets: /metrics shows every series from the start, 0 until it happens.
+// counters is every counter there is, with its help; a labelled one lists
+// its label's values: name{label="a|b"}. /metrics shows every series from
+// the start, 0 until it happens, so that rates work from the first scrape.
 var counters = []struct{ name, help string }{
 	{"gochat_registrations_total", "Users registered."},
 	{"gochat_logins_total", "Successful logins."},
@@ -69,7 +70,7 @@ var counters = []struct{ name, help string }{
 // without it, Go's record of the build names it.
 var version string
 
-var started = time.Now()
+var started = time.Now() // the process's start, near enough
 
 func buildVersion() string {
 	if info, ok := debug.ReadBuildInfo(); ok && version == "" {
