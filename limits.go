@@ -160,9 +160,10 @@ func (l *connLimiter) Accept() (net.Conn, error) {
 // count counts c against its address, or returns nil if it has its fill.
 func (l *connLimiter) count(c net.Conn) net.Conn {
 	peer, _ := netip.ParseAddrPort(c.RemoteAddr().String())
-	key := addrKey(peer.Addr().Unmap())
+	addr := peer.Addr().Unmap()
+	key := addrKey(addr)
 	l.mu.Lock()
-	full := l.open[key] >= l.perClient && !inPrefixes(peer.Addr().Unmap(), l.exempt)
+	full := l.open[key] >= l.perClient && !inPrefixes(addr, l.exempt)
 	if !full {
 		l.open[key]++
 		l.total++
