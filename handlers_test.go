@@ -184,10 +184,7 @@ func TestOnlineListsOpenSockets(t *testing.T) {
 	s := startServer(t)
 	a := s.user(t, "Zed")
 	b := s.user(t, "amy")
-	online := func() string {
-		r := s.request(t, "GET", "/api/online", "", a).expect(t, 200)
-		return fmt.Sprint(r.body["online_clients"])
-	}
+	online := func() string { return s.online(t, a) }
 	if got := online(); got != "[]" {
 		t.Fatalf("online before any socket: %s", got)
 	}
@@ -234,8 +231,8 @@ func TestLogoutClosesThatSessionsSocket(t *testing.T) {
 		t.Fatalf("logged-out socket closed with %d, want %d", code, closeNormal)
 	}
 	wi.nextWhere(isEvent("leave", "Judy"))
-	if r := s.request(t, "GET", "/api/online", "", ivan).expect(t, 200); fmt.Sprint(r.body["online_clients"]) != "[Ivan]" {
-		t.Fatalf("online after logout: %s", r.raw)
+	if got := s.online(t, ivan); got != "[Ivan]" {
+		t.Fatalf("online after logout: %s", got)
 	}
 }
 

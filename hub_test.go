@@ -383,9 +383,8 @@ func TestStalledReaderDoesNotDelayOthersAndIsDropped(t *testing.T) {
 	if got := <-all; got != n {
 		t.Fatalf("reader got %d of %d messages", got, n)
 	}
-	r := s.request(t, "GET", "/api/online", "", s.login(t, s.register(t, "Observer")))
-	if fmt.Sprint(r.body["online_clients"]) != "[Reader Sender]" {
-		t.Fatalf("online after the drop: %s", r.raw)
+	if got := s.online(t, s.user(t, "Observer")); got != "[Reader Sender]" {
+		t.Fatalf("online after the drop: %s", got)
 	}
 }
 
@@ -1116,7 +1115,7 @@ func TestTakeoverReplacesTheOtherSocket(t *testing.T) {
 	if alive != 1 {
 		t.Fatalf("%d sockets of one user alive after %d racing takeovers", alive, len(open))
 	}
-	if got := fmt.Sprint(s.request(t, "GET", "/api/online", "", cookie).expect(t, 200).body["online_clients"]); got != "[Roamer Watcher]" {
+	if got := s.online(t, cookie); got != "[Roamer Watcher]" {
 		t.Fatalf("online: %s", got)
 	}
 }

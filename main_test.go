@@ -259,6 +259,12 @@ func (s *testServer) login(t testing.TB, key string) *http.Cookie {
 	return sessionCookieOf(t, r.header)
 }
 
+// online returns the names GET /api/online lists, as fmt prints them: [A B].
+func (s *testServer) online(t testing.TB, cookie *http.Cookie) string {
+	t.Helper()
+	return fmt.Sprint(s.request(t, "GET", "/api/online", "", cookie).expect(t, 200).body["online_clients"])
+}
+
 // user registers name and logs in, returning the session cookie.
 func (s *testServer) user(t testing.TB, name string) *http.Cookie {
 	t.Helper()
