@@ -729,8 +729,13 @@
     }
   }
 
+  // Older messages load when the reader scrolls up to the top; following
+  // the end down, as the history arrives, starts near the top too.
+  let lastScrollTop = 0;
   $("messages").addEventListener("scroll", () => {
-    if ($("messages").scrollTop < 40) loadOlder();
+    const top = $("messages").scrollTop;
+    if (top < 40 && top < lastScrollTop) loadOlder();
+    lastScrollTop = top;
     if (atBottom()) $("new-pill").hidden = true;
   });
 
