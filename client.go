@@ -168,9 +168,8 @@ func (c *client) readPump(ws *websocket.Conn, hub *Hub) int {
 func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins map[string]bool, ping time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		user, sid, ok := authenticate(w, r, sessions)
-		// Every open is a join and a leave for everyone: limit them per user
-		// and per client address.
-		if !ok || !allowed(w, r, hub.log, "opens", opens, "user "+strings.ToLower(user), "ip "+clientKey(r)) {
+		// Every open is a join and a leave for everyone: limit them per user.
+		if !ok || !allowed(w, r, hub.log, "opens", opens, strings.ToLower(user)) {
 			return
 		}
 		q, since, sinceOK := r.URL.Query(), int64(-1), true
@@ -189,9 +188,7 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 		case !sinceOK:
 			writeError(w, http.StatusBadRequest, "since must be a non-negative integer")
 		default:
-			slot := reserve{c, q.Get("takeover") == "1", make(chan error, 1)}
-			err := hub.ask(slot, slot.result)
-			if err != nil {
+			if err := hub.reserveSlot(c, q.Get("takeover") == "1"); err != nil {
 				hub.log.Info("websocket refused", "user", user, "client", clientAddr(r), "err", err)
 				status := map[error]int{errTaken: http.StatusConflict, errExpired: http.StatusUnauthorized}[err]
 				writeError(w, cmp.Or(status, http.StatusServiceUnavailable), err.Error()) // full, or shutting down
@@ -225,6 +222,7 @@ func runSocket(hj hijacked, r *http.Request, c *client, hub *Hub, ping time.Dura
 		// the library from refusing a handshake that names several.
 		Handshake: func(cfg *websocket.Config, _ *http.Request) error {
 			cfg.Protocol = nil
+			hub.metrics.countResponse(http.StatusSwitchingProtocols)
 			hub.send(joined{c, since})
 			return nil
 		},

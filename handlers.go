@@ -24,22 +24,22 @@ const maxBodyBytes = 4 << 10
 
 // routes returns the server's handler: the API on Go 1.22 method patterns,
 // with the mux's own 404 and 405 answers turned into JSON errors.
-func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, metrics *Metrics, authRate, openRate *rateLimiter) http.Handler {
+func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub *Hub, metrics *Metrics, lim limits) http.Handler {
 	mux := http.NewServeMux()
-	mux.Handle("POST /api/register", limitAuth(authRate, log, handleRegister(store, sessions, cfg.Admins, metrics, log)))
-	mux.Handle("POST /api/login", limitAuth(authRate, log, handleLogin(store, sessions, metrics, log)))
+	mux.Handle("POST /api/register", handleRegister(store, sessions, cfg.Admins, metrics, lim.auth, log))
+	mux.Handle("POST /api/login", handleLogin(store, sessions, metrics, lim.auth, log))
 	mux.Handle("GET /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("POST /api/logout", handleLogout(sessions, hub, log))
 	mux.Handle("GET /api/online", handleOnline(sessions, hub))
 	mux.Handle("GET /api/user/{name}", handleUser(store, sessions, hub, cfg.Admins, log))
-	mux.Handle("GET /api/messages", handleMessages(store, sessions, log))
+	mux.Handle("GET /api/messages", handleMessages(store, sessions, lim.reads, log))
 	mux.Handle("DELETE /api/messages/{id}", handleDeleteMessage(sessions, hub, cfg.Admins, log))
 	mux.Handle("GET /api/bans", handleBans(store, sessions, cfg.Admins, log))
 	mux.Handle("POST /api/user/{name}/ban", handleBan(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("DELETE /api/user/{name}/ban", handleBan(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("GET /healthz", handleHealth(store, log))
 	mux.Handle("GET /metrics", handleMetrics(metrics, hub, cfg.TrustedProxies))
-	mux.Handle("GET /ws", handleWebSocket(sessions, hub, openRate, cfg.AllowedOrigins, cfg.PingInterval))
+	mux.Handle("GET /ws", handleWebSocket(sessions, hub, lim.opens, cfg.AllowedOrigins, cfg.PingInterval))
 	mux.Handle("GET /{$}", handleStatic("index.html"))
 	mux.Handle("GET /app.js", handleStatic("app.js"))
 	mux.Handle("GET /style.css", handleStatic("style.css"))
@@ -129,8 +129,11 @@ func validUsername(name string) bool {
 		"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789") == ""
 }
 
-func handleRegister(store *Store, sessions *Sessions, admins map[string]bool, metrics *Metrics, log *slog.Logger) http.Handler {
+func handleRegister(store *Store, sessions *Sessions, admins map[string]bool, metrics *Metrics, limit *rateLimiter, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !allowed(w, r, log, "registrations", limit, clientKey(r)) {
+			return
+		}
 		name, ok := bodyField(w, r, "username")
 		switch {
 		case !ok:
@@ -159,13 +162,23 @@ func handleRegister(store *Store, sessions *Sessions, admins map[string]bool, me
 	})
 }
 
-func handleLogin(store *Store, sessions *Sessions, metrics *Metrics, log *slog.Logger) http.Handler {
+// handleLogin logs in. A wrong key costs a token of the client address's
+// bucket, a right one a token of its user's: wrong keys at any rate from
+// one address never keep the right ones of others there out.
+func handleLogin(store *Store, sessions *Sessions, metrics *Metrics, limit *rateLimiter, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		key, ok := bodyField(w, r, "key")
 		if !ok {
 			return
 		}
 		user, err := store.UserByKey(r.Context(), key)
+		bucket := "user " + strings.ToLower(user)
+		if errors.Is(err, ErrNotFound) {
+			bucket = clientKey(r)
+		}
+		if !allowed(w, r, log, "logins", limit, bucket) {
+			return
+		}
 		sid := ""
 		if err == nil {
 			sid, err = sessions.Create(r.Context(), user)
@@ -189,6 +202,12 @@ func handleLogin(store *Store, sessions *Sessions, metrics *Metrics, log *slog.L
 
 func handleLogout(sessions *Sessions, hub *Hub, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// A GET needs no JSON: a link or an <img> on another site, or on
+		// another port of this host, would log the visitor out.
+		if site := r.Header.Get("Sec-Fetch-Site"); site == "cross-site" || site == "same-site" {
+			writeError(w, http.StatusForbidden, "a logout must come from this chat's own page")
+			return
+		}
 		if cookie, err := r.Cookie(sessionCookie); err == nil {
 			user, _ := sessions.Lookup(cookie.Value)
 			if err := sessions.Delete(r.Context(), cookie.Value); err != nil {
@@ -233,9 +252,10 @@ func handleUser(store *Store, sessions *Sessions, hub *Hub, admins map[string]bo
 	})
 }
 
-func handleMessages(store *Store, sessions *Sessions, log *slog.Logger) http.Handler {
+func handleMessages(store *Store, sessions *Sessions, limit *rateLimiter, log *slog.Logger) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if _, _, ok := authenticate(w, r, sessions); !ok {
+		user, _, ok := authenticate(w, r, sessions)
+		if !ok || !allowed(w, r, log, "reads", limit, strings.ToLower(user)) {
 			return
 		}
 		before, ok1 := positiveParam(r.URL.Query(), "before", 0, 1<<63-1)

@@ -218,6 +218,25 @@ func TestLogout(t *testing.T) {
 	}
 }
 
+// A link or an <img> on another site, or on another port of this host,
+// sends the cookie with a GET: the browser says where it came from, and
+// such a logout is refused. The page's own, and other programs', work.
+func TestLogoutFromElsewhereIsRefused(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	cookie := s.user(t, "Visitor")
+	ws := s.connect(t, cookie)
+	for _, site := range []string{"cross-site", "same-site"} {
+		if r := s.request(t, "GET", "/api/logout", "", cookie, "Sec-Fetch-Site", site).expect(t, 403); r.body["error"] == nil {
+			t.Fatalf("no JSON error: %s", r.raw)
+		}
+	}
+	s.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 200)
+	sendAndAck(t, ws, "still in the room")
+	s.request(t, "GET", "/api/logout", "", cookie, "Sec-Fetch-Site", "same-origin").expect(t, 200)
+	s.request(t, "GET", "/api/user/@me", "", cookie).expect(t, 401)
+}
+
 func TestLogoutClosesThatSessionsSocket(t *testing.T) {
 	t.Parallel()
 	s := startServer(t)
@@ -491,6 +510,21 @@ func TestMetricsCountTheTraffic(t *testing.T) {
 	s.request(t, "GET", "/metrics", "", nil, "X-Forwarded-For", "203.0.113.5").expect(t, 404)
 }
 
+// Every response is counted: a handler's implicit 200 (a scrape of
+// /metrics itself) and a WebSocket's 101 too.
+func TestMetricsCountEveryResponse(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	s.metrics(t)
+	s.connect(t, s.user(t, "Counted")) // 201, 200, 101
+	m := s.metrics(t)
+	for _, series := range []string{`gochat_http_responses_total{class="1xx"} 1` + "\n", `gochat_http_responses_total{class="2xx"} 3` + "\n"} {
+		if !strings.Contains(m, series) {
+			t.Errorf("want %q in:\n%s", series, m)
+		}
+	}
+}
+
 // /metrics explains every family (HELP, TYPE), has every series before
 // its first event, the process's and Go's own figures, and the version.
 func TestMetricsAreCompleteFromTheStart(t *testing.T) {
@@ -553,7 +587,7 @@ func TestLogsSayWhatHappened(t *testing.T) {
 	s.request(t, "DELETE", "/api/user/Eve/ban", "", boss).expect(t, 200)
 	s.waitForLog(t, "msg=registered", "user=Eve", "client=127.0.0.1")
 	s.waitForLog(t, "level=WARN", `msg="login failed: unknown key"`, "client=127.0.0.1")
-	s.waitForLog(t, "level=WARN", `msg="rate limited"`, "limit=auth", "client=127.0.0.1")
+	s.waitForLog(t, "level=WARN", `msg="rate limited"`, "limit=logins", "client=127.0.0.1")
 	s.waitForLog(t, `msg="websocket refused"`, "user=Eve", `err="user already has an open WebSocket"`)
 	s.waitForLog(t, "msg=ban", "user=Eve", "banned=true", "admin=Boss")
 	s.waitForLog(t, "msg=ban", "user=Eve", "banned=false")

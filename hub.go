@@ -181,21 +181,25 @@ func (h *Hub) apply(e event) bool {
 	return true
 }
 
-// reserve takes c's user's slot, unless the user has a socket already (a
-// takeover closes that one, in the same step), the server is full, or c's
-// session ended since its request was checked.
+// reserve takes c's user's slot, unless c's session ended since its
+// request was checked (a logout or a ban: then nothing is touched), the
+// user has a socket already (a takeover closes that one, in the same
+// step), or the server is full.
 func (h *Hub) reserve(c *client, takeover bool) error {
-	if old := h.clients[c.key]; old != nil && takeover {
-		h.remove(old, closeReplaced)
-	} else if old != nil {
-		old.startProbe()
-		return errTaken
-	}
-	if len(h.clients) >= h.maxConns {
-		return errFull
-	}
 	if _, ok := h.sessions.OpenSocket(c.session); !ok {
 		return errExpired
+	}
+	old := h.clients[c.key]
+	switch {
+	case old != nil && takeover:
+		h.remove(old, closeReplaced)
+	case old != nil:
+		old.startProbe()
+		h.sessions.CloseSocket(c.session)
+		return errTaken
+	case len(h.clients) >= h.maxConns:
+		h.sessions.CloseSocket(c.session)
+		return errFull
 	}
 	h.clients[c.key] = c
 	h.sockets.Add(1)
@@ -320,6 +324,12 @@ func (h *Hub) ask(e event, result chan error) error {
 		return errShutdown
 	}
 	return <-result
+}
+
+// reserveSlot asks for c's user's slot (reserve).
+func (h *Hub) reserveSlot(c *client, takeover bool) error {
+	slot := reserve{c, takeover, make(chan error, 1)}
+	return h.ask(slot, slot.result)
 }
 
 // Online returns the names of the users in the room, sorted.

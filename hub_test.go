@@ -1120,6 +1120,43 @@ func TestTakeoverReplacesTheOtherSocket(t *testing.T) {
 	}
 }
 
+// A takeover whose session ended before the hub took it up (its own
+// logout, a ban) closes nothing: the other device keeps its socket.
+func TestTakeoverOfAnEndedSessionClosesNothing(t *testing.T) {
+	t.Parallel()
+	ctx := context.Background()
+	store, err := OpenStore(filepath.Join(t.TempDir(), "chat.db"), &Metrics{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	sessions, err := NewSessions(ctx, time.Hour, time.Now, store)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg, _ := parseConfig(nil, io.Discard)
+	hub, err := NewHub(ctx, cfg, store, sessions, &Metrics{}, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	gone, cancel := context.WithCancel(ctx)
+	cancel()
+	defer hub.Shutdown(gone, closeGoingAway) // no socket to wait for
+	laptopSession, _ := sessions.Create(ctx, "Roamer")
+	phoneSession, _ := sessions.Create(ctx, "Roamer")
+	laptop := newClient("Roamer", laptopSession)
+	if err := hub.reserveSlot(laptop, false); err != nil {
+		t.Fatal(err)
+	}
+	sessions.Delete(ctx, phoneSession) // the phone logged out while its takeover waited
+	if err := hub.reserveSlot(newClient("Roamer", phoneSession), true); err != errExpired {
+		t.Fatalf("takeover of an ended session: %v, want %v", err, errExpired)
+	}
+	if _, code, _ := laptop.take(); code != 0 {
+		t.Fatalf("the laptop's socket was closed with %d", code)
+	}
+}
+
 // A since beyond the newest stored id comes from before a restore: the
 // client gets a gap and the newest history, not silence.
 func TestSinceBeyondTheNewestIsAGap(t *testing.T) {

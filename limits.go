@@ -79,26 +79,24 @@ func (l *rateLimiter) Sweep() {
 	}
 }
 
-// limitAuth limits registrations and logins per client.
-func limitAuth(limit *rateLimiter, log *slog.Logger, next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if allowed(w, r, log, "auth", limit, clientKey(r)) {
-			next.ServeHTTP(w, r)
-		}
-	})
+// limits are the request limits. An address's bucket is only for what
+// has no user yet, registrations and failed logins: many people share an
+// address behind a NAT, and one of them must not lock the others out.
+type limits struct {
+	auth  *rateLimiter // registrations and failed logins by client address; logins by user
+	opens *rateLimiter // WebSocket opens by user
+	reads *rateLimiter // history pages by user
 }
 
-// allowed takes a token for each key, or answers 429 with Retry-After.
-func allowed(w http.ResponseWriter, r *http.Request, log *slog.Logger, name string, limit *rateLimiter, keys ...string) bool {
-	for _, key := range keys {
-		if ok, wait := limit.Allow(key); !ok {
-			log.Warn("rate limited", "limit", name, "key", key, "client", clientAddr(r))
-			w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
-			writeError(w, http.StatusTooManyRequests, "too many requests, slow down")
-			return false
-		}
+// allowed takes a token for key, or answers 429 with Retry-After.
+func allowed(w http.ResponseWriter, r *http.Request, log *slog.Logger, name string, limit *rateLimiter, key string) bool {
+	ok, wait := limit.Allow(key)
+	if !ok {
+		log.Warn("rate limited", "limit", name, "key", key, "client", clientAddr(r))
+		w.Header().Set("Retry-After", strconv.Itoa(int(math.Ceil(wait.Seconds()))))
+		writeError(w, http.StatusTooManyRequests, "too many requests, slow down")
 	}
-	return true
+	return ok
 }
 
 // clientKey is what the request limits count by.
@@ -110,11 +108,11 @@ func clientKey(r *http.Request) string {
 	return addrKey(addr)
 }
 
-// addrKey is what limits count by: an IPv4 address, or an IPv6 /64, as
-// one host usually has a whole /64 to pick from.
+// addrKey is what limits count by: an IPv4 address, or an IPv6 /56, as
+// one home line usually has a whole /56 (256 /64s) to pick from.
 func addrKey(addr netip.Addr) string {
 	if addr.Is6() {
-		p, _ := addr.Prefix(64)
+		p, _ := addr.Prefix(56)
 		return p.String()
 	}
 	return addr.String()

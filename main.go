@@ -34,19 +34,19 @@ func main() {
 
 // config is everything the command line sets.
 type config struct {
-	Addr, DB, TLSCert, TLSKey      string
-	LogFormat                      string
-	Version                        bool
-	SessionTTL, PingInterval       time.Duration
-	AllowedOrigins, Admins         map[string]bool
-	TrustedProxies                 []netip.Prefix
-	MsgRate, AuthRate, OpenRate    float64
-	MsgBurst, AuthBurst, OpenBurst int
-	MaxConns, MaxConnsPerIP        int
-	History, ReplayMax, HistoryMax int
-	HistoryKeep                    time.Duration
-	now                            func() time.Time // tests set the clock,
-	cleanupEvery                   time.Duration    // and how often cleanup runs
+	Addr, DB, TLSCert, TLSKey                 string
+	LogFormat                                 string
+	Version                                   bool
+	SessionTTL, PingInterval                  time.Duration
+	AllowedOrigins, Admins                    map[string]bool
+	TrustedProxies                            []netip.Prefix
+	MsgRate, AuthRate, OpenRate, ReadRate     float64
+	MsgBurst, AuthBurst, OpenBurst, ReadBurst int
+	MaxConns, MaxConnsPerIP                   int
+	History, ReplayMax, HistoryMax            int
+	HistoryKeep                               time.Duration
+	now                                       func() time.Time // tests set the clock,
+	cleanupEvery                              time.Duration    // and how often cleanup runs
 }
 
 // parseConfig reads the flags. Usage goes to out.
@@ -85,10 +85,12 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 	fs.DurationVar(&cfg.PingInterval, "ping-interval", 30*time.Second, "how often sockets are pinged; one silent for twice this is dropped")
 	fs.Float64Var(&cfg.MsgRate, "msg-rate", 5, "chat messages per second per user, refill rate (0: no limit)")
 	fs.IntVar(&cfg.MsgBurst, "msg-burst", 10, "chat messages a user may send at once")
-	fs.Float64Var(&cfg.AuthRate, "auth-rate", 1, "registrations and logins per second per client IP, refill rate (0: no limit)")
-	fs.IntVar(&cfg.AuthBurst, "auth-burst", 10, "registrations and logins a client IP may make at once")
-	fs.Float64Var(&cfg.OpenRate, "open-rate", 1, "WebSocket opens per second per user and per client IP, refill rate (0: no limit)")
-	fs.IntVar(&cfg.OpenBurst, "open-burst", 10, "WebSocket opens a user or client IP may make at once")
+	fs.Float64Var(&cfg.AuthRate, "auth-rate", 1, "registrations and failed logins per second per client IP, logins per user, refill rate (0: no limit)")
+	fs.IntVar(&cfg.AuthBurst, "auth-burst", 10, "registrations and failed logins a client IP, or logins a user, may make at once")
+	fs.Float64Var(&cfg.OpenRate, "open-rate", 1, "WebSocket opens per second per user, refill rate (0: no limit)")
+	fs.IntVar(&cfg.OpenBurst, "open-burst", 10, "WebSocket opens a user may make at once")
+	fs.Float64Var(&cfg.ReadRate, "read-rate", 5, "history pages (GET /api/messages) per second per user, refill rate (0: no limit)")
+	fs.IntVar(&cfg.ReadBurst, "read-burst", 20, "history pages a user may read at once")
 	fs.Func("trusted-proxies", "comma-separated proxy addresses or CIDRs whose X-Forwarded-For is believed (default 127.0.0.0/8,::1/128)", func(list string) (err error) {
 		cfg.TrustedProxies, err = parsePrefixes(list)
 		return err
@@ -111,7 +113,7 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 		return cfg, errors.New("-tls-cert and -tls-key go together")
 	case cfg.LogFormat != "text" && cfg.LogFormat != "json":
 		return cfg, errors.New("-log-format is text or json")
-	case cfg.MsgRate < 0 || cfg.AuthRate < 0 || cfg.OpenRate < 0 || cfg.History < 0 || cfg.ReplayMax < 0 || cfg.MaxConns < 1 || cfg.MaxConnsPerIP < 1 || cfg.HistoryMax < 1:
+	case cfg.MsgRate < 0 || cfg.AuthRate < 0 || cfg.OpenRate < 0 || cfg.ReadRate < 0 || cfg.History < 0 || cfg.ReplayMax < 0 || cfg.MaxConns < 1 || cfg.MaxConnsPerIP < 1 || cfg.HistoryMax < 1:
 		return cfg, errors.New("rates, -history and -replay-max must not be negative, -max-conns* and -history-max at least 1")
 	}
 	return cfg, nil
@@ -226,9 +228,9 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 	if err != nil {
 		return err
 	}
-	authRate := newRateLimiter(cfg.AuthRate, cfg.AuthBurst, cfg.now)
-	openRate := newRateLimiter(cfg.OpenRate, cfg.OpenBurst, cfg.now)
-	srv.Handler = routes(cfg, log, store, sessions, hub, metrics, authRate, openRate)
+	lim := limits{auth: newRateLimiter(cfg.AuthRate, cfg.AuthBurst, cfg.now),
+		opens: newRateLimiter(cfg.OpenRate, cfg.OpenBurst, cfg.now), reads: newRateLimiter(cfg.ReadRate, cfg.ReadBurst, cfg.now)}
+	srv.Handler = routes(cfg, log, store, sessions, hub, metrics, lim)
 
 	bg, stopBackground := context.WithCancel(context.Background())
 	defer stopBackground()
@@ -236,9 +238,9 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		if err := sessions.Save(bg); err != nil && bg.Err() == nil {
 			log.Error("save sessions", "err", err)
 		}
-		authRate.Sweep()
-		hub.limit.Sweep()
-		openRate.Sweep()
+		for _, l := range []*rateLimiter{lim.auth, lim.opens, lim.reads, hub.limit} {
+			l.Sweep()
+		}
 		if err := certs.reload(); err != nil {
 			log.Error("TLS certificate not reloaded: serving the last good one", "err", err)
 		}

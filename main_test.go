@@ -149,7 +149,7 @@ func startServer(t testing.TB, args ...string) *testServer {
 // cleanup and retention running every 20ms.
 func startServerAt(t testing.TB, clock *testClock, args ...string) *testServer {
 	t.Helper()
-	defaults := []string{"-db", filepath.Join(t.TempDir(), "chat.db"), "-msg-rate", "0", "-auth-rate", "0", "-open-rate", "0"}
+	defaults := []string{"-db", filepath.Join(t.TempDir(), "chat.db"), "-msg-rate", "0", "-auth-rate", "0", "-open-rate", "0", "-read-rate", "0"}
 	cfg, err := parseConfig(append(defaults, args...), io.Discard)
 	if err != nil {
 		t.Fatalf("parse flags: %v", err)
@@ -532,7 +532,7 @@ var listenLine = regexp.MustCompile(`addr=(127\.0\.0\.1:\d+)`)
 
 func startProcess(t testing.TB, args ...string) *process {
 	t.Helper()
-	all, _ := json.Marshal(append([]string{"-addr", "127.0.0.1:0", "-msg-rate", "0", "-auth-rate", "0", "-open-rate", "0"}, args...))
+	all, _ := json.Marshal(append([]string{"-addr", "127.0.0.1:0", "-msg-rate", "0", "-auth-rate", "0", "-open-rate", "0", "-read-rate", "0"}, args...))
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), "GOCHAT_TEST_SERVER=1", "GOCHAT_TEST_ARGS="+string(all))
 	stdout, err := cmd.StdoutPipe()
@@ -849,7 +849,7 @@ func TestJSONLogsWithSocketLines(t *testing.T) {
 	done := make(chan error, 1)
 	go func() {
 		done <- run(ctx, []string{"-addr", "127.0.0.1:0", "-db", filepath.Join(t.TempDir(), "chat.db"),
-			"-log-format", "json", "-auth-rate", "0", "-open-rate", "0"}, &out)
+			"-log-format", "json", "-auth-rate", "0", "-open-rate", "0", "-read-rate", "0"}, &out)
 	}()
 	var s *testServer
 	lines := func() (records []map[string]any) {

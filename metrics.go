@@ -159,15 +159,33 @@ func procStat() (cpuSeconds, residentBytes float64) {
 	return (utime + stime) / 100, pages * float64(os.Getpagesize())
 }
 
-// statusRecorder counts responses by status class; Unwrap lets /ws hijack.
+// statusRecorder counts responses by status class, the implicit 200 of a
+// handler that only writes too; Unwrap lets /ws hijack (its 101 is counted
+// as the library is about to write it). An informational 1xx header is
+// not the response: what follows it is counted.
 type statusRecorder struct {
 	http.ResponseWriter
 	metrics *Metrics
+	counted bool
 }
 
 func (s *statusRecorder) WriteHeader(status int) {
-	s.metrics.Add(fmt.Sprintf(`gochat_http_responses_total{class="%dxx"}`, status/100), 1)
+	if !s.counted && status >= 200 {
+		s.counted = true
+		s.metrics.countResponse(status)
+	}
 	s.ResponseWriter.WriteHeader(status)
+}
+
+func (s *statusRecorder) Write(p []byte) (int, error) {
+	if !s.counted {
+		s.WriteHeader(http.StatusOK)
+	}
+	return s.ResponseWriter.Write(p)
+}
+
+func (m *Metrics) countResponse(status int) {
+	m.Add(fmt.Sprintf(`gochat_http_responses_total{class="%dxx"}`, status/100), 1)
 }
 
 func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }

@@ -4,6 +4,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
@@ -86,6 +87,18 @@ http {
 	}
 
 	url := fmt.Sprintf("https://127.0.0.1:%d/", httpsPort)
+	// A client's own X-Forwarded-Host never reaches gochat, which believes
+	// nginx's: the page's CSP names the host the browser asked for.
+	req, _ := http.NewRequest("GET", url, nil)
+	req.Header.Set("X-Forwarded-Host", "evil.example")
+	insecure := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{InsecureSkipVerify: true}}}
+	if resp, err = insecure.Do(req); err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if csp := resp.Header.Get("Content-Security-Policy"); strings.Contains(csp, "evil") || !strings.Contains(csp, fmt.Sprintf("wss://127.0.0.1:%d", httpsPort)) {
+		t.Fatalf("a client's X-Forwarded-Host got through nginx: CSP %q", csp)
+	}
 	alice := newBrowser(t, "alice")
 	bob := newBrowser(t, "bob")
 	alice.register(url, "alice")
