@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"errors"
+	"math"
 	"net/http"
 	"os"
 	"strings"
@@ -165,7 +166,7 @@ func (c *client) readPump(ws *websocket.Conn, hub *Hub) int {
 // handleWebSocket checks everything that can refuse /ws, the library's
 // checks included, so that refusals have JSON bodies; then it reserves the
 // user's slot and serves the socket.
-func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins map[string]bool, ping time.Duration) http.Handler {
+func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins map[string]bool, ping, stall time.Duration) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		user, sid, ok := authenticate(w, r, sessions)
 		// Every open is a join and a leave for everyone: limit them per user.
@@ -175,6 +176,9 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 		q, since, sinceOK := r.URL.Query(), int64(-1), true
 		if q.Has("since") {
 			since, sinceOK = parseUint(q.Get("since"))
+		}
+		if sinceOK && q.Has("generation") && q.Get("generation") != hub.store.generation {
+			since = math.MaxInt64 // an id of another database (a restore): beyond the newest, a gap
 		}
 		c := newClient(user, sid)
 		switch problem := upgradeProblem(r); {
@@ -188,13 +192,14 @@ func handleWebSocket(sessions *Sessions, hub *Hub, opens *rateLimiter, origins m
 		case !sinceOK:
 			writeError(w, http.StatusBadRequest, "since must be a non-negative integer")
 		default:
-			if err := hub.reserveSlot(c, q.Get("takeover") == "1"); err != nil {
+			slot := reserve{c, q.Get("takeover") == "1", make(chan error, 1)}
+			if err := hub.ask(slot, slot.result); err != nil {
 				hub.log.Info("websocket refused", "user", user, "client", clientAddr(r), "err", err)
 				status := map[error]int{errTaken: http.StatusConflict, errExpired: http.StatusUnauthorized}[err]
 				writeError(w, cmp.Or(status, http.StatusServiceUnavailable), err.Error()) // full, or shutting down
 				return
 			}
-			hj, err := hijack(w, 2*ping)
+			hj, err := hijack(w, 2*ping, stall)
 			if err != nil {
 				hub.send(left{c, closeNormal})
 				hub.sockets.Done()

@@ -6,10 +6,12 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"math"
 	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"time"
 
 	_ "modernc.org/sqlite"
@@ -48,7 +50,10 @@ CREATE TABLE IF NOT EXISTS sessions (
 	key       BLOB PRIMARY KEY,
 	username  TEXT NOT NULL,
 	last_used INTEGER NOT NULL
-) WITHOUT ROWID;`,
+) WITHOUT ROWID;`, `
+CREATE INDEX messages_live ON messages(id) WHERE author != '';
+CREATE TABLE generation (id TEXT NOT NULL);
+INSERT INTO generation VALUES (lower(hex(randomblob(8))));`,
 }
 
 // migrate takes the schema to its last version in one transaction: a
@@ -83,11 +88,17 @@ type Message struct {
 
 // Store is the SQLite database. Every write commits with synchronous=FULL
 // before it returns: what the server answers for is on disk first.
+//
+// Its generation is a random id that every backup replaces in its copy: a
+// restored database hands out again the ids of the messages it lost, and
+// a client that names an id of another generation is told of a gap.
 type Store struct {
-	db      *sql.DB
-	path    string
-	file    os.FileInfo // the file opened, to notice it being replaced
-	metrics *Metrics
+	db         *sql.DB // the one writer: the hub's commits and its replays, sessions, bans
+	read       *sql.DB // the HTTP API's reads, beside the writer (WAL), never queued behind it
+	generation string
+	path       string
+	file       os.FileInfo // the file opened, to notice it being replaced
+	metrics    *Metrics
 }
 
 // OpenStore opens the database at path, creating what is missing.
@@ -103,25 +114,32 @@ func OpenStore(path string, metrics *Metrics) (*Store, error) {
 		return nil, fmt.Errorf("open db %s: %w", path, err)
 	}
 	// Transactions are immediate: a deferred one that reads, then writes,
-	// fails at once if another process writes meanwhile.
-	db, err := sql.Open("sqlite", "file:"+(&url.URL{Path: path}).EscapedPath()+
-		"?_pragma=busy_timeout(5000)&_pragma=journal_mode(WAL)&_pragma=synchronous(FULL)&_txlock=immediate")
-	if err != nil {
-		return nil, fmt.Errorf("open db %s: %w", path, err)
-	}
-	// One connection: SQLite takes one writer at a time anyway, and
-	// database/sql's queue is fairer and quicker than SQLite's busy wait.
+	// fails at once if another process writes meanwhile. WAL is set only
+	// once migrate has judged the file: a newer gochat's is left as it was.
+	dsn := "file:" + (&url.URL{Path: path}).EscapedPath() + "?_pragma=busy_timeout(5000)&_pragma=synchronous(FULL)"
+	db, _ := sql.Open("sqlite", dsn+"&_txlock=immediate")
+	read, _ := sql.Open("sqlite", dsn+"&_pragma=query_only(1)") // sql.Open only checks the driver's name
+	// One writer: SQLite takes one at a time anyway, and database/sql's
+	// queue is fairer and quicker than SQLite's busy wait.
 	db.SetMaxOpenConns(1)
-	s := &Store{db: db, path: path, file: info, metrics: metrics}
-	if err := s.migrate(); err != nil {
-		db.Close()
+	read.SetMaxOpenConns(4)
+	s := &Store{db: db, read: read, path: path, file: info, metrics: metrics}
+	err = s.migrate()
+	if err == nil {
+		_, err = db.Exec(`PRAGMA journal_mode = WAL`)
+	}
+	if err == nil {
+		err = db.QueryRow(`SELECT id FROM generation`).Scan(&s.generation)
+	}
+	if err != nil {
+		s.Close()
 		return nil, fmt.Errorf("open db %s: %w", path, err)
 	}
 	return s, nil
 }
 
 // Close closes the database. Later calls do nothing.
-func (s *Store) Close() error { return s.db.Close() }
+func (s *Store) Close() error { return errors.Join(s.read.Close(), s.db.Close()) }
 
 // Backup writes a consistent copy of the database to target, a new file
 // readable by its owner only. The copy is made under a temporary name and
@@ -139,7 +157,8 @@ func (s *Store) Backup(target string) error {
 	tmp.Close()
 	defer os.Remove(tmp.Name())
 	check := ""
-	_, err = s.db.Exec(`VACUUM INTO ?1; ATTACH ?1 AS copy`, tmp.Name())
+	_, err = s.db.Exec(`VACUUM INTO ?1; ATTACH ?1 AS copy; UPDATE copy.generation SET id = lower(hex(randomblob(8)))`,
+		tmp.Name())
 	if err == nil {
 		err = s.db.QueryRow(`PRAGMA copy.quick_check`).Scan(&check)
 	}
@@ -174,19 +193,19 @@ func (s *Store) CreateUser(ctx context.Context, name, key string) error {
 
 // UserByKey returns the name of the user whose key is key.
 func (s *Store) UserByKey(ctx context.Context, key string) (name string, err error) {
-	err = s.queryRow(ctx, `SELECT username FROM users WHERE key_hash = ?`, []any{hashKey(key)}, &name)
+	err = queryRow(ctx, s.read, `SELECT username FROM users WHERE key_hash = ?`, []any{hashKey(key)}, &name)
 	return name, err
 }
 
 // UserByName returns the registered spelling of name, matched in any case.
 func (s *Store) UserByName(ctx context.Context, name string) (string, error) {
-	err := s.queryRow(ctx, `SELECT username FROM users WHERE username = ?`, []any{name}, &name)
+	err := queryRow(ctx, s.read, `SELECT username FROM users WHERE username = ?`, []any{name}, &name)
 	return name, err
 }
 
 // queryRow scans the one row query returns into dest, or ErrNotFound.
-func (s *Store) queryRow(ctx context.Context, query string, args []any, dest ...any) error {
-	err := s.db.QueryRowContext(ctx, query, args...).Scan(dest...)
+func queryRow(ctx context.Context, db *sql.DB, query string, args []any, dest ...any) error {
+	err := db.QueryRowContext(ctx, query, args...).Scan(dest...)
 	if errors.Is(err, sql.ErrNoRows) {
 		return ErrNotFound
 	}
@@ -253,69 +272,60 @@ func (s *Store) DeleteMessage(ctx context.Context, id int64, author string) erro
 	if n, _ := res.RowsAffected(); n > 0 {
 		return nil
 	}
-	if err := s.queryRow(ctx, `SELECT 1 FROM messages WHERE id = ? AND author != ''`, []any{id}, new(int)); err != nil {
+	if err := queryRow(ctx, s.db, `SELECT 1 FROM messages WHERE id = ? AND author != ''`, []any{id}, new(int)); err != nil {
 		return err
 	}
 	return ErrNotYours
 }
 
-// SetBanned bans name, deleting their sessions, or lifts the ban.
-func (s *Store) SetBanned(ctx context.Context, name string, banned bool) error {
-	query := `DELETE FROM bans WHERE username = ?1`
-	if banned {
-		query = `INSERT OR IGNORE INTO bans(username) VALUES(?1); DELETE FROM sessions WHERE username = ?1 COLLATE NOCASE`
-	}
-	if err := s.inTx(func(tx *sql.Tx) error { _, err := tx.ExecContext(ctx, query, name); return err }); err != nil {
-		return fmt.Errorf("ban: %w", err)
-	}
-	return nil
-}
-
-// Bans returns the banned names, as registered, sorted.
-func (s *Store) Bans(ctx context.Context) ([]string, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT username FROM bans ORDER BY username`)
-	if err != nil {
-		return nil, fmt.Errorf("load bans: %w", err)
-	}
-	defer rows.Close()
-	bans := []string{}
-	for rows.Next() {
-		var name string
-		if err := rows.Scan(&name); err != nil {
-			return nil, fmt.Errorf("load bans: %w", err)
-		}
-		bans = append(bans, name)
-	}
-	return bans, rows.Err()
-}
-
 // LastMessageID returns the highest message id ever handed out, or 0.
 func (s *Store) LastMessageID(ctx context.Context) (id int64, err error) {
-	err = s.queryRow(ctx, `SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)`, nil, &id)
+	err = queryRow(ctx, s.db, `SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0)`, nil, &id)
 	return id, err
 }
 
 // retireBatch bounds one Retire, for which the hub waits.
 const retireBatch = 500
 
-// Retire deletes, oldest first, up to retireBatch of the messages older
-// than before or beyond the newest keep ids, and returns how many.
+// Retire deletes up to retireBatch of the messages stored before before,
+// by their own time, and of those beyond the newest keep ids, and returns
+// how many. By time, not by id: a message stored while the clock was set
+// back is old by its time alone, and takes no newer ones with it.
 func (s *Store) Retire(before time.Time, keep int) (int64, error) {
-	res, err := s.db.Exec(`DELETE FROM messages WHERE id IN (SELECT id FROM messages WHERE id <= max(
-		coalesce((SELECT id FROM messages WHERE created_at < ? ORDER BY created_at DESC LIMIT 1), 0),
-		coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'messages'), 0) - ?) ORDER BY id LIMIT ?)`,
-		before.UnixNano(), keep, retireBatch)
+	res, err := s.db.Exec(`DELETE FROM messages WHERE id IN (
+		SELECT id FROM (SELECT id FROM messages WHERE created_at < ?1 ORDER BY created_at LIMIT ?3) UNION
+		SELECT id FROM (SELECT id FROM messages WHERE id <= (SELECT seq FROM sqlite_sequence WHERE name = 'messages') - ?2
+			ORDER BY id LIMIT ?3) LIMIT ?3)`, before.UnixNano(), keep, retireBatch)
 	if err != nil {
 		return 0, fmt.Errorf("delete old messages: %w", err)
 	}
 	return res.RowsAffected()
 }
 
-// Messages returns the newest limit messages with after < id < before
-// (0: no bound), oldest first, tombstones only if asked for.
-func (s *Store) Messages(ctx context.Context, after, before int64, limit int, tombstones bool) ([]Message, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT id, author, body, created_at FROM messages
-		WHERE id > ?1 AND (?2 = 0 OR id < ?2) AND (?3 OR author != '') ORDER BY id DESC LIMIT ?4`, after, before, tombstones, limit)
+// Messages returns the newest limit messages before id before, oldest
+// first, for the HTTP API.
+func (s *Store) Messages(ctx context.Context, before int64, limit int) ([]Message, error) {
+	return messages(ctx, s.read, liveMessages, 0, before, limit)
+}
+
+// Replay returns the newest limit messages after id after, oldest first,
+// tombstones too if asked: for the hub, on its own connection, so that it
+// sees its last commit and waits for no one's reads.
+func (s *Store) Replay(after int64, limit int, tombstones bool) ([]Message, error) {
+	query := liveMessages
+	if tombstones {
+		query = strings.Replace(query, "AND author != ''", "", 1)
+	}
+	return messages(context.Background(), s.db, query, after, math.MaxInt64, limit)
+}
+
+// liveMessages skips tombstones through the index messages_live, which
+// holds only the others: a run of deleted messages is not scanned.
+const liveMessages = `SELECT id, author, body, created_at FROM messages
+	WHERE id > ?1 AND id < ?2 AND author != '' ORDER BY id DESC LIMIT ?3`
+
+func messages(ctx context.Context, db *sql.DB, query string, after, before int64, limit int) ([]Message, error) {
+	rows, err := db.QueryContext(ctx, query, after, before, limit)
 	if err != nil {
 		return nil, fmt.Errorf("query messages: %w", err)
 	}

@@ -6,6 +6,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -534,11 +535,149 @@ func TestUpgradeKeepsEverything(t *testing.T) {
 	if err := db.QueryRow(`PRAGMA user_version`).Scan(&version); err != nil || version != len(migrations) {
 		t.Fatalf("user_version %d (%v), want %d", version, err, len(migrations))
 	}
-	// A database from a newer gochat is not opened by an older one.
-	if _, err := db.Exec(`PRAGMA user_version = 1000`); err != nil {
+}
+
+// A database from a newer gochat (a rollback after an upgrade) is refused
+// before anything in it or beside it changes.
+func TestNewerDatabaseIsLeftAsItWas(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "chat.db")
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
 		t.Fatal(err)
 	}
+	if _, err := db.Exec(`CREATE TABLE future (x); PRAGMA user_version = 1000`); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	before, _ := os.ReadFile(path)
 	if _, err := OpenStore(path, &Metrics{}); err == nil || !strings.Contains(err.Error(), "newer") {
 		t.Fatalf("opened a database of a newer version: %v", err)
+	}
+	if after, _ := os.ReadFile(path); !bytes.Equal(before, after) {
+		t.Fatal("the refused database file changed")
+	}
+	for _, suffix := range []string{"-wal", "-shm", "-journal"} {
+		if _, err := os.Stat(path + suffix); err == nil {
+			t.Fatalf("%s left beside the refused database", suffix)
+		}
+	}
+}
+
+// One server per database: a second one on the same file refuses to
+// start, while a backup of the live database still works.
+func TestSecondServerOnOneDatabaseRefusesToStart(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "chat.db")
+	first := startProcess(t, "-db", path)
+	if code, out := runToExit(t, "-addr", "127.0.0.1:0", "-db", path); code == 0 || !strings.Contains(out, "in use by another gochat server") {
+		t.Fatalf("second server on one database: exit %d, %s", code, out)
+	}
+	if code, out := runToExit(t, "backup", "-db", path, filepath.Join(t.TempDir(), "copy.db")); code != 0 {
+		t.Fatalf("backup beside the server: exit %d, %s", code, out)
+	}
+	first.asServer(t).request(t, "GET", "/healthz", "", nil).expect(t, 200)
+}
+
+// A page open across a restore names ids that the restored database hands
+// out again: its generation tells them apart, so the page gets a gap and
+// the restored history with what came after, never what the restore lost.
+func TestReconnectAcrossARestoreIsAGap(t *testing.T) {
+	t.Parallel()
+	s := startServer(t)
+	writer := s.user(t, "Writer")
+	ws := s.connect(t, writer)
+	sendAndAck(t, ws, "kept")
+	backup := filepath.Join(t.TempDir(), "backup.db")
+	if err := run(context.Background(), []string{"backup", "-db", s.dbPath, backup}, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	page := s.user(t, "Page")
+	generation := s.request(t, "GET", "/api/user/@me", "", page).expect(t, 200).body["generation"].(string)
+	lost := sendAndAck(t, ws, "lost by the restore")
+	if err := s.stop(); err != nil {
+		t.Fatal(err)
+	}
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		os.Remove(s.dbPath + suffix)
+	}
+	if err := os.Rename(backup, s.dbPath); err != nil {
+		t.Fatal(err)
+	}
+	s = startServer(t, "-db", s.dbPath, "-session-ttl", "1000h")
+	writer = s.user(t, "Writer2")
+	if id := sendAndAck(t, s.connect(t, writer), "after the restore"); id != lost {
+		t.Fatalf("the restored database gave id %d, want %d again", id, lost)
+	}
+	stale := s.connect(t, s.user(t, "Page2"), dialOpts{query: fmt.Sprintf("?since=%d&generation=%s", lost, generation)})
+	gap := stale.next()
+	if gap["event"] != "gap" || gap["generation"] == generation || gap["generation"] == "" {
+		t.Fatalf("first frame %v, want a gap with the new generation", gap)
+	}
+	for _, want := range []string{"kept", "after the restore"} {
+		if f := stale.next(); f["message"] != want {
+			t.Fatalf("got %v, want %q", f, want)
+		}
+	}
+	// Of this generation, the same since is a plain replay.
+	current := s.connect(t, s.user(t, "Page3"), dialOpts{query: fmt.Sprintf("?since=%d&generation=%s", lost-1, gap["generation"])})
+	if f := current.next(); f["message"] != "after the restore" {
+		t.Fatalf("replay of this generation: %v", f)
+	}
+}
+
+// Retention goes by each message's own time: one stored while the clock
+// was set back is deleted alone, never the newer messages before it.
+func TestRetentionSurvivesAClockSetBack(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-history-keep", "1h")
+	cookie := s.user(t, "Keeper")
+	ws := s.connect(t, cookie)
+	sendAndAck(t, ws, "recent")
+	s.clock.Advance(-2 * time.Hour) // a Raspberry Pi before NTP
+	sendAndAck(t, ws, "stamped two hours ago")
+	s.clock.Advance(2 * time.Hour)
+	sendAndAck(t, ws, "now")
+	s.waitForLog(t, "retention deleted old messages", "count=1")
+	r := s.request(t, "GET", "/api/messages", "", cookie).expect(t, 200)
+	if got := fmt.Sprint(r.body["messages"]); !strings.Contains(got, "recent") || !strings.Contains(got, "message:now") || strings.Contains(got, "two hours") {
+		t.Fatalf("after retention: %s", r.raw)
+	}
+}
+
+// History reads skip tombstones through an index, not a scan, and go
+// through connections of their own: with every one of them busy, the hub
+// still commits and replays.
+func TestHistoryReadsNeitherScanTombstonesNorWaitForTheHub(t *testing.T) {
+	t.Parallel()
+	store, err := OpenStore(filepath.Join(t.TempDir(), "chat.db"), &Metrics{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer store.Close()
+	var id, parent, unused int
+	var plan string
+	if err := store.read.QueryRow(`EXPLAIN QUERY PLAN `+liveMessages, 0, 100, 50).Scan(&id, &parent, &unused, &plan); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(plan, "messages_live") {
+		t.Fatalf("history query plan %q does not use messages_live", plan)
+	}
+	ctx := context.Background()
+	for range store.read.Stats().MaxOpenConnections {
+		tx, err := store.read.BeginTx(ctx, &sql.TxOptions{ReadOnly: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Rollback()
+		if err := tx.QueryRow(`SELECT count(*) FROM messages`).Scan(new(int)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := store.AddMessages([]*Message{{Author: "a", Text: "while reads hold every reader", Time: time.Now()}}); err != nil {
+		t.Fatal(err)
+	}
+	if msgs, err := store.Replay(0, 10, false); err != nil || len(msgs) != 1 {
+		t.Fatalf("replay while reads hold every reader: %v %v", msgs, err)
 	}
 }

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"mime"
 	"net/http"
 	"net/url"
@@ -39,7 +40,7 @@ func routes(cfg config, log *slog.Logger, store *Store, sessions *Sessions, hub 
 	mux.Handle("DELETE /api/user/{name}/ban", handleBan(store, sessions, hub, cfg.Admins, log))
 	mux.Handle("GET /healthz", handleHealth(store, log))
 	mux.Handle("GET /metrics", handleMetrics(metrics, hub, cfg.TrustedProxies))
-	mux.Handle("GET /ws", handleWebSocket(sessions, hub, lim.opens, cfg.AllowedOrigins, cfg.PingInterval))
+	mux.Handle("GET /ws", handleWebSocket(sessions, hub, lim.opens, cfg.AllowedOrigins, cfg.PingInterval, cfg.WriteTimeout))
 	mux.Handle("GET /{$}", handleStatic("index.html"))
 	mux.Handle("GET /app.js", handleStatic("app.js"))
 	mux.Handle("GET /style.css", handleStatic("style.css"))
@@ -247,7 +248,7 @@ func handleUser(store *Store, sessions *Sessions, hub *Hub, admins map[string]bo
 			internalError(w, log, r, err)
 		default:
 			writeJSON(w, http.StatusOK, map[string]any{"username": name, "online": slices.Contains(hub.Online(), name),
-				"admin": isAdmin(admins, name)})
+				"admin": isAdmin(admins, name), "generation": store.generation})
 		}
 	})
 }
@@ -258,13 +259,13 @@ func handleMessages(store *Store, sessions *Sessions, limit *rateLimiter, log *s
 		if !ok || !allowed(w, r, log, "reads", limit, strings.ToLower(user)) {
 			return
 		}
-		before, ok1 := positiveParam(r.URL.Query(), "before", 0, 1<<63-1)
+		before, ok1 := positiveParam(r.URL.Query(), "before", math.MaxInt64, math.MaxInt64)
 		limit, ok2 := positiveParam(r.URL.Query(), "limit", 50, 100)
 		if !ok1 || !ok2 {
 			writeError(w, http.StatusBadRequest, "before must be a positive message id, limit an integer from 1 to 100")
 			return
 		}
-		msgs, err := store.Messages(r.Context(), 0, before, int(limit), false)
+		msgs, err := store.Messages(r.Context(), before, int(limit))
 		if err != nil {
 			internalError(w, log, r, err)
 			return

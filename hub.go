@@ -20,7 +20,7 @@ import (
 //   - when it closes, its connection ends or it breaks the protocol (left);
 //   - silent for two ping intervals, or for probeTimeout after a 409 probed
 //     it (left, 1008, from its reader);
-//   - when its write stalls for writeTimeout (left, 1008, from its pump);
+//   - when its write takes nothing for -write-timeout (left, 1008, from its pump);
 //   - when its queue passes maxQueueBytes (dropped by the hub, 1008);
 //   - when its session logs out (kick, 1000) or its user is banned (kick,
 //     1008), or the user takes over on another connection (reserve, 4000);
@@ -186,20 +186,19 @@ func (h *Hub) apply(e event) bool {
 // user has a socket already (a takeover closes that one, in the same
 // step), or the server is full.
 func (h *Hub) reserve(c *client, takeover bool) error {
+	old := h.clients[c.key]
+	switch {
+	case old != nil && !takeover:
+		old.startProbe()
+		return errTaken
+	case old == nil && len(h.clients) >= h.maxConns:
+		return errFull
+	}
 	if _, ok := h.sessions.OpenSocket(c.session); !ok {
 		return errExpired
 	}
-	old := h.clients[c.key]
-	switch {
-	case old != nil && takeover:
+	if old != nil {
 		h.remove(old, closeReplaced)
-	case old != nil:
-		old.startProbe()
-		h.sessions.CloseSocket(c.session)
-		return errTaken
-	case len(h.clients) >= h.maxConns:
-		h.sessions.CloseSocket(c.session)
-		return errFull
 	}
 	h.clients[c.key] = c
 	h.sockets.Add(1)
@@ -219,14 +218,14 @@ func (h *Hub) admit(c *client, since int64) {
 	if replay {
 		after, limit = since, h.replayMax
 	}
-	msgs, err := h.store.Messages(context.Background(), after, 0, limit, replay)
+	msgs, err := h.store.Replay(after, limit, replay)
 	if err != nil {
 		h.log.Error("replay", "user", c.user, "err", err)
 	}
 	// Deleted messages keep their ids as tombstones, so a hole after since
 	// is retention's, or beyond replayMax.
 	if since > h.lastID || replay && (len(msgs) == 0 && since < h.lastID || len(msgs) > 0 && msgs[0].ID > since+1) {
-		h.queue(c, gapFrame)
+		h.queue(c, gapFrame(h.store.generation))
 	}
 	for _, m := range msgs {
 		if !m.Deleted {
@@ -324,12 +323,6 @@ func (h *Hub) ask(e event, result chan error) error {
 		return errShutdown
 	}
 	return <-result
-}
-
-// reserveSlot asks for c's user's slot (reserve).
-func (h *Hub) reserveSlot(c *client, takeover bool) error {
-	slot := reserve{c, takeover, make(chan error, 1)}
-	return h.ask(slot, slot.result)
 }
 
 // Online returns the names of the users in the room, sorted.

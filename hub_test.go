@@ -388,6 +388,48 @@ func TestStalledReaderDoesNotDelayOthersAndIsDropped(t *testing.T) {
 	}
 }
 
+// pacedReader is a slow link: at most chunk bytes every pause.
+type pacedReader struct {
+	r     io.Reader
+	chunk int
+	pause time.Duration
+}
+
+func (p *pacedReader) Read(b []byte) (int, error) {
+	time.Sleep(p.pause) // the link's pace, not a wait for an event
+	return p.r.Read(b[:min(len(b), p.chunk)])
+}
+
+// A phone on a slow link that reads steadily needs far longer than
+// -write-timeout for a long replay: it gets all of it and stays in the room,
+// as the stall timeout counts time without progress.
+func TestSlowButSteadyReaderGetsItsWholeReplay(t *testing.T) {
+	t.Parallel()
+	s := startServer(t, "-write-timeout", "500ms", "-replay-max", "1000")
+	writer := s.connect(t, s.user(t, "Writer"))
+	const n = 1000
+	var burst []byte
+	for i := range n { // about 1 MB: 300 three-byte characters each
+		burst = append(burst, maskedFrame(opText, mustJSON(map[string]string{"message": fmt.Sprint(i, strings.Repeat("€", 290))}))...)
+	}
+	writer.c.Write(burst)
+	writer.countAcks(n)
+	phone := s.connect(t, s.user(t, "Phone"), dialOpts{readBuf: 4096, query: "?since=0"})
+	phone.br = bufio.NewReaderSize(&pacedReader{phone.br, 4 << 10, 10 * time.Millisecond}, 4<<10) // ~400 KB/s: 2.5 s
+	for i := range n {
+		if f := phone.next(); f["history"] != true || !strings.HasPrefix(f["message"].(string), fmt.Sprint(i, "€")) {
+			t.Fatalf("replay frame %d: %.40v", i, f)
+		}
+	}
+	sendAndAck(t, writer, "live")
+	if f := phone.nextWhere(isChat); f["message"] != "live" {
+		t.Fatalf("after the replay: %v", f)
+	}
+	if m := s.metrics(t); !strings.Contains(m, `gochat_clients_dropped_total{reason="stalled"} 0`) {
+		t.Fatal("the steady reader was dropped as stalled")
+	}
+}
+
 // metrics returns the text of /metrics.
 func (s *testServer) metrics(t *testing.T) string {
 	resp, err := cmp.Or(s.client, http.DefaultClient).Get(s.url + "/metrics")
@@ -1145,11 +1187,15 @@ func TestTakeoverOfAnEndedSessionClosesNothing(t *testing.T) {
 	laptopSession, _ := sessions.Create(ctx, "Roamer")
 	phoneSession, _ := sessions.Create(ctx, "Roamer")
 	laptop := newClient("Roamer", laptopSession)
-	if err := hub.reserveSlot(laptop, false); err != nil {
+	reserveSlot := func(c *client, takeover bool) error {
+		slot := reserve{c, takeover, make(chan error, 1)}
+		return hub.ask(slot, slot.result)
+	}
+	if err := reserveSlot(laptop, false); err != nil {
 		t.Fatal(err)
 	}
 	sessions.Delete(ctx, phoneSession) // the phone logged out while its takeover waited
-	if err := hub.reserveSlot(newClient("Roamer", phoneSession), true); err != errExpired {
+	if err := reserveSlot(newClient("Roamer", phoneSession), true); err != errExpired {
 		t.Fatalf("takeover of an ended session: %v, want %v", err, errExpired)
 	}
 	if _, code, _ := laptop.take(); code != 0 {

@@ -37,7 +37,7 @@ type config struct {
 	Addr, DB, TLSCert, TLSKey                 string
 	LogFormat                                 string
 	Version                                   bool
-	SessionTTL, PingInterval                  time.Duration
+	SessionTTL, PingInterval, WriteTimeout    time.Duration
 	AllowedOrigins, Admins                    map[string]bool
 	TrustedProxies                            []netip.Prefix
 	MsgRate, AuthRate, OpenRate, ReadRate     float64
@@ -83,6 +83,7 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 		return nil
 	})
 	fs.DurationVar(&cfg.PingInterval, "ping-interval", 30*time.Second, "how often sockets are pinged; one silent for twice this is dropped")
+	fs.DurationVar(&cfg.WriteTimeout, "write-timeout", 5*time.Second, "a socket that takes no byte of a write for this long is dropped as stalled")
 	fs.Float64Var(&cfg.MsgRate, "msg-rate", 5, "chat messages per second per user, refill rate (0: no limit)")
 	fs.IntVar(&cfg.MsgBurst, "msg-burst", 10, "chat messages a user may send at once")
 	fs.Float64Var(&cfg.AuthRate, "auth-rate", 1, "registrations and failed logins per second per client IP, logins per user, refill rate (0: no limit)")
@@ -107,8 +108,8 @@ func parseConfig(args []string, out io.Writer) (config, error) {
 	switch {
 	case fs.NArg() > 0:
 		return cfg, fmt.Errorf("unexpected arguments: %q", fs.Args())
-	case cfg.SessionTTL <= 0 || cfg.PingInterval <= 0 || cfg.HistoryKeep <= 0:
-		return cfg, errors.New("-session-ttl, -ping-interval and -history-keep must be positive")
+	case cfg.SessionTTL <= 0 || cfg.PingInterval <= 0 || cfg.WriteTimeout <= 0 || cfg.HistoryKeep <= 0:
+		return cfg, errors.New("-session-ttl, -ping-interval, -write-timeout and -history-keep must be positive")
 	case (cfg.TLSCert == "") != (cfg.TLSKey == ""):
 		return cfg, errors.New("-tls-cert and -tls-key go together")
 	case cfg.LogFormat != "text" && cfg.LogFormat != "json":
@@ -215,6 +216,11 @@ func serve(ctx context.Context, cfg config, ln net.Listener, log *slog.Logger) e
 		}
 		ln = tls.NewListener(ln, &tls.Config{GetCertificate: certs.get, MinVersion: tls.VersionTLS12})
 	}
+	lock, err := lockDatabase(cfg.DB)
+	if err != nil {
+		return err
+	}
+	defer lock.Close() // after store.Close: closing a file SQLite has open drops SQLite's locks
 	store, err := OpenStore(cfg.DB, metrics)
 	if err != nil {
 		return err

@@ -1,10 +1,14 @@
 // Moderation: admins (-admins) delete messages and ban users. Its own file
-// because it reaches into the store, the sessions and the hub.
+// because it reaches into the store, the sessions and the hub; the bans'
+// table is read and written here too.
 
 package main
 
 import (
+	"context"
+	"database/sql"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"strings"
@@ -98,4 +102,34 @@ func handleBan(store *Store, sessions *Sessions, hub *Hub, admins map[string]boo
 			writeJSON(w, http.StatusOK, struct{}{})
 		}
 	})
+}
+
+// SetBanned bans name, deleting their sessions, or lifts the ban.
+func (s *Store) SetBanned(ctx context.Context, name string, banned bool) error {
+	query := `DELETE FROM bans WHERE username = ?1`
+	if banned {
+		query = `INSERT OR IGNORE INTO bans(username) VALUES(?1); DELETE FROM sessions WHERE username = ?1 COLLATE NOCASE`
+	}
+	if err := s.inTx(func(tx *sql.Tx) error { _, err := tx.ExecContext(ctx, query, name); return err }); err != nil {
+		return fmt.Errorf("ban: %w", err)
+	}
+	return nil
+}
+
+// Bans returns the banned names, as registered, sorted.
+func (s *Store) Bans(ctx context.Context) ([]string, error) {
+	rows, err := s.read.QueryContext(ctx, `SELECT username FROM bans ORDER BY username`)
+	if err != nil {
+		return nil, fmt.Errorf("load bans: %w", err)
+	}
+	defer rows.Close()
+	bans := []string{}
+	for rows.Next() {
+		var name string
+		if err := rows.Scan(&name); err != nil {
+			return nil, fmt.Errorf("load bans: %w", err)
+		}
+		bans = append(bans, name)
+	}
+	return bans, rows.Err()
 }

@@ -213,7 +213,11 @@ func errorAck(code string) []byte {
 	return textFrame(mustJSON(map[string]any{"status": false, "code": code}))
 }
 
-var gapFrame = textFrame([]byte(`{"event":"gap"}`))
+// gapFrame tells a client that it missed messages, and the database's
+// generation, for its next ?since=.
+func gapFrame(generation string) []byte {
+	return textFrame(mustJSON(map[string]string{"event": "gap", "generation": generation}))
+}
 
 // mustJSON encodes values whose types cannot fail to encode.
 func mustJSON(v any) []byte {

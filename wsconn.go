@@ -8,10 +8,12 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"io"
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -23,7 +25,6 @@ import (
 
 const (
 	maxFrameBytes = 64 << 10        // a larger incoming frame closes the socket with 1009
-	writeTimeout  = 5 * time.Second // a write blocked this long means a stalled client
 	closeGrace    = 2 * time.Second // how long a closed socket waits for the peer's answer
 
 	// Opcodes and close codes (RFC 6455, sections 5.2 and 7.4.1).
@@ -57,12 +58,12 @@ func upgradeProblem(r *http.Request) string {
 
 // hijack takes the connection from net/http, with the bytes it had read.
 // A 512-byte writer holds any control frame whole: a pong is one write.
-func hijack(w http.ResponseWriter, silence time.Duration) (hijacked, error) {
+func hijack(w http.ResponseWriter, silence, stall time.Duration) (hijacked, error) {
 	nc, brw, err := http.NewResponseController(w).Hijack()
 	if err != nil {
 		return hijacked{}, err
 	}
-	conn := &socketConn{Conn: nc, silence: silence}
+	conn := &socketConn{Conn: nc, silence: silence, stall: stall}
 	early, _ := brw.Reader.Peek(brw.Reader.Buffered())
 	rw := bufio.NewReadWriter(bufio.NewReaderSize(io.MultiReader(bytes.NewReader(bytes.Clone(early)), conn), 1024),
 		bufio.NewWriterSize(conn, 512))
@@ -82,11 +83,12 @@ func (h hijacked) WriteHeader(int)                              {}
 
 // socketConn is the connection under a websocket.Conn. Every write, the
 // library's pongs too, takes mu; every read and write has a deadline, so a
-// peer that sends nothing, not even a pong, is given up on.
+// peer that sends nothing, not even a pong, or takes nothing for stall, is
+// given up on.
 type socketConn struct {
 	net.Conn
-	silence time.Duration
-	probeBy atomic.Int64 // unix nanos: a probed peer must send something by then; 0: no probe
+	silence, stall time.Duration
+	probeBy        atomic.Int64 // unix nanos: a probed peer must send something by then; 0: no probe
 
 	mu     sync.Mutex
 	closed bool // our close frame is out: nothing may follow it
@@ -114,14 +116,26 @@ func (c *socketConn) probe(timeout time.Duration) {
 	}
 }
 
+// Write fails once about stall has passed with no byte of p taken, not
+// when all of p takes longer: a phone on a slow link that reads steadily
+// gets a long replay whole. It looks for progress every quarter of stall.
 func (c *socketConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.closed {
 		return 0, net.ErrClosed
 	}
-	c.Conn.SetWriteDeadline(time.Now().Add(writeTimeout))
-	return c.Conn.Write(p)
+	written, progressed := 0, time.Now()
+	for {
+		c.Conn.SetWriteDeadline(time.Now().Add(c.stall / 4))
+		n, err := c.Conn.Write(p[written:])
+		if written += n; n > 0 {
+			progressed = time.Now()
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) || time.Since(progressed) >= c.stall {
+			return written, err
+		}
+	}
 }
 
 // finish follows the close frame: the peer has closeGrace to answer.

@@ -15,6 +15,7 @@
     me: null,
     ws: null,
     lastId: 0, // newest message id seen: reconnects ask for what came after
+    generation: "", // the database's, when lastId was seen: a restore changes it
     oldestId: 0, // oldest message shown: scroll-back asks for what came before
     seen: new Set(), // ids on the page, so replays never show a message twice
     pending: [], // own messages sent and not yet acknowledged, oldest first
@@ -82,11 +83,11 @@
     $("login-key").focus();
   }
 
-  // enterChat shows the room to name; admin is what /api/user/@me said,
-  // or undefined after a login, which does not say.
-  function enterChat(name, admin) {
+  // enterChat shows the room to name; admin and generation are what
+  // /api/user/@me said, or undefined after a login, which does not say.
+  function enterChat(name, admin, generation) {
     Object.assign(state, {
-      me: name, lastId: 0, oldestId: 0, seen: new Set(), pending: [],
+      me: name, lastId: 0, generation: generation || "", oldestId: 0, seen: new Set(), pending: [],
       online: new Set(), backoff: 0, noOlder: false, unread: 0, hadSocket: false, conflicts: 0, banned: false,
     });
     $("notify").hidden = !("Notification" in window) || Notification.permission !== "default";
@@ -95,6 +96,7 @@
     if (admin === undefined) {
       request("api/user/@me").then((res) => {
         state.admin = res.status === 200 && res.body.admin === true;
+        if (res.status === 200 && !state.generation) state.generation = res.body.generation;
         document.querySelectorAll("#messages li[data-id]").forEach(addMessageActions);
         renderOnline();
         showAdminPanel();
@@ -189,6 +191,7 @@
     const url = new URL("ws", location.href);
     url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
     if (state.lastId > 0) url.searchParams.set("since", String(state.lastId));
+    if (state.lastId > 0 && state.generation) url.searchParams.set("generation", state.generation);
     if (state.takeover) url.searchParams.set("takeover", "1");
     return url.href;
   }
@@ -321,6 +324,7 @@
         document.querySelector(`#messages li[data-id="${Number(f.id)}"]`)?.remove();
         return renderDays();
       case "gap": // the newest history follows: start the page again from it
+        state.generation = f.generation || state.generation;
         state.seen = new Set();
         state.lastId = state.oldestId = 0;
         state.noOlder = false;
@@ -908,6 +912,6 @@
 
   setStatus("Loading…");
   request("api/user/@me")
-    .then((res) => (res.status === 200 ? enterChat(res.body.username, res.body.admin) : showAuth()))
+    .then((res) => (res.status === 200 ? enterChat(res.body.username, res.body.admin, res.body.generation) : showAuth()))
     .catch(() => showAuth("The server is not answering."));
 })();
