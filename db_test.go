@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -679,5 +680,64 @@ func TestHistoryReadsNeitherScanTombstonesNorWaitForTheHub(t *testing.T) {
 	}
 	if msgs, err := store.Replay(0, 10, false); err != nil || len(msgs) != 1 {
 		t.Fatalf("replay while reads hold every reader: %v %v", msgs, err)
+	}
+}
+
+// BenchmarkAckLatencyBesideHistoryReads measures what parallel history
+// reads over 10,000 tombstones do to the room: a sender's p99 ack latency
+// while 8 readers fetch the page above the tombstones, against the same
+// sender in a quiet room and beside 8 readers of /api/bans (a 403 from memory: what the
+// readers' own CPU costs on a small machine), in one run:
+// go test -run '^$' -bench AckLatency -benchtime 1x -count 3
+func BenchmarkAckLatencyBesideHistoryReads(b *testing.B) {
+	path := filepath.Join(b.TempDir(), "chat.db")
+	store, err := OpenStore(path, &Metrics{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	_, err = store.db.Exec(`WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 10100)
+		INSERT INTO messages(author, body, created_at) SELECT CASE WHEN i <= 100 THEN 'old' ELSE '' END, '', ? FROM n`, time.Now().UnixNano())
+	store.Close()
+	if err != nil {
+		b.Fatal(err)
+	}
+	s := startServer(b, "-db", path)
+	reader := s.user(b, "Reader")
+	sender := s.connect(b, s.user(b, "Sender"))
+	// p99 is the sender's p99 ack latency, in ms, while 8 readers GET path.
+	p99 := func(path string) float64 {
+		stop := make(chan struct{})
+		var readers sync.WaitGroup
+		for range 8 {
+			readers.Add(1)
+			go func() {
+				defer readers.Done()
+				for path != "" {
+					select {
+					case <-stop:
+						return
+					default:
+						s.request(b, "GET", path, "", reader)
+					}
+				}
+			}()
+		}
+		var took []time.Duration
+		for i := range 300 {
+			start := time.Now()
+			sendAndAck(b, sender, fmt.Sprint("m", i))
+			took = append(took, time.Since(start))
+		}
+		close(stop)
+		readers.Wait()
+		slices.Sort(took)
+		return float64(took[len(took)*99/100]) / 1e6
+	}
+	for range b.N {
+		quiet, static, history := p99(""), p99("/api/bans"), p99("/api/messages?before=10101&limit=50")
+		b.ReportMetric(quiet, "quiet-p99-ms")
+		b.ReportMetric(static, "static-p99-ms")
+		b.ReportMetric(history, "history-p99-ms")
+		b.ReportMetric(history/static, "history/static")
 	}
 }
