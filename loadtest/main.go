@@ -10,7 +10,9 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -20,6 +22,8 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"runtime"
 	"slices"
 	"strconv"
@@ -45,13 +49,17 @@ type options struct {
 	idle      int
 	setup     int
 	conc      int
+	sizes     string
+	server    string
+	serverCPU string
+	flags     string
 }
 
 func main() {
 	var o options
 	flag.StringVar(&o.addr, "addr", "127.0.0.1:7777", "server address")
 	flag.IntVar(&o.pid, "pid", 0, "server process id, for its CPU time and RSS (0: not reported)")
-	flag.StringVar(&o.modes, "mode", "floor,fanout,idle,setup", "comma-separated: floor, fanout, idle, setup")
+	flag.StringVar(&o.modes, "mode", "floor,fanout,idle,setup", "comma-separated: floor, fanout, idle, setup, room")
 	flag.IntVar(&o.receivers, "receivers", 200, "fan-out: receiving clients")
 	flag.IntVar(&o.senders, "senders", 4, "fan-out: sending clients")
 	flag.Float64Var(&o.rate, "rate", 50, "fan-out: messages per second per sender (0: as fast as acks allow)")
@@ -61,6 +69,11 @@ func main() {
 	flag.IntVar(&o.idle, "idle", 10000, "idle: connected clients that only listen")
 	flag.IntVar(&o.setup, "setup", 2000, "setup: accounts registered, logged in and connected")
 	flag.IntVar(&o.conc, "concurrency", 64, "setup and idle: parallel account set-ups")
+	flag.StringVar(&o.sizes, "sizes", "800,1000,1200,1500", "room: room sizes, each on a fresh server; every tenth user sends 1/s")
+	flag.StringVar(&o.server, "server", "", "room: the gochat binary to start for each size")
+	flag.StringVar(&o.serverCPU, "server-cpu", "0", "room: CPUs the server is pinned to (taskset -c; empty: not pinned)")
+	flag.StringVar(&o.flags, "server-flags", "-msg-rate 0 -auth-rate 0 -open-rate 0 -read-rate 0 -max-conns-per-ip 100000",
+		"room: the server's flags besides -addr and -db (an older build may lack some)")
 	flag.Parse()
 	raiseFileLimit()
 	if err := run(o); err != nil {
@@ -79,9 +92,11 @@ func run(o options) error {
 		switch strings.TrimSpace(mode) {
 		case "floor":
 		case "fanout":
-			var lost int64
-			lost, err = fanout(o, prefix+"f", floor)
-			failed = failed || lost > 0
+			var r result
+			r, err = fanout(o, prefix+"f", floor)
+			failed = failed || r.lost > 0
+		case "room":
+			err = room(o, prefix+"r", floor)
 		case "idle":
 			err = idle(o, prefix+"i")
 		case "setup":
@@ -204,30 +219,34 @@ func postJSON(url string, body any) (*http.Response, map[string]string, error) {
 	return resp, out, nil
 }
 
-// account registers name, logs in and opens a WebSocket.
-func account(addr, name string) (*websocket.Conn, error) {
+// account registers name and logs in, returning the session.
+func account(addr, name string) (string, error) {
 	base := "http://" + addr
 	resp, out, err := postJSON(base+"/api/register", map[string]string{"username": name})
 	if err != nil {
-		return nil, err
+		return "", err
 	}
 	if resp.StatusCode != http.StatusCreated {
-		return nil, fmt.Errorf("register %s: %d %v", name, resp.StatusCode, out)
+		return "", fmt.Errorf("register %s: %d %v", name, resp.StatusCode, out)
 	}
 	resp, out, err = postJSON(base+"/api/login", map[string]string{"key": out["key"]})
 	if err != nil {
-		return nil, err
+		return "", err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("login %s: %d %v", name, resp.StatusCode, out)
+		return "", fmt.Errorf("login %s: %d %v", name, resp.StatusCode, out)
 	}
-	var session string
 	for _, c := range resp.Cookies() {
 		if c.Name == "session" {
-			session = c.Value
+			return c.Value, nil
 		}
 	}
-	cfg, err := websocket.NewConfig("ws://"+addr+"/ws", base)
+	return "", fmt.Errorf("login %s: no session cookie", name)
+}
+
+// dial opens a WebSocket with the library, for senders and idle clients.
+func dial(addr, session string) (*websocket.Conn, error) {
+	cfg, err := websocket.NewConfig("ws://"+addr+"/ws", "http://"+addr)
 	if err != nil {
 		return nil, err
 	}
@@ -235,8 +254,30 @@ func account(addr, name string) (*websocket.Conn, error) {
 	return websocket.DialConfig(cfg)
 }
 
+// dialRaw opens a WebSocket by hand, for receivers that read frames
+// straight off the socket through a large buffer: on a small machine the
+// load tool must not be what a run measures.
+func dialRaw(addr, session string) (net.Conn, *bufio.Reader, error) {
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, nil, err
+	}
+	fmt.Fprintf(c, "GET /ws HTTP/1.1\r\nHost: %s\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nCookie: session=%s\r\n\r\n", addr, session)
+	br := bufio.NewReaderSize(c, 64<<10)
+	resp, err := http.ReadResponse(br, nil)
+	if err == nil && resp.StatusCode != http.StatusSwitchingProtocols {
+		err = fmt.Errorf("websocket: %s", resp.Status)
+	}
+	if err != nil {
+		c.Close()
+		return nil, nil, err
+	}
+	return c, br, nil
+}
+
 // accounts sets up n accounts, conc at a time, calling got for each.
-func accounts(o options, prefix string, n int, got func(i int, ws *websocket.Conn)) error {
+func accounts(o options, prefix string, n int, got func(i int, session string) error) error {
 	var next atomic.Int64
 	var firstErr error
 	var once sync.Once
@@ -250,12 +291,14 @@ func accounts(o options, prefix string, n int, got func(i int, ws *websocket.Con
 				if i >= n {
 					return
 				}
-				ws, err := account(o.addr, fmt.Sprintf("%s%d", prefix, i))
+				session, err := account(o.addr, fmt.Sprintf("%s%d", prefix, i))
+				if err == nil {
+					err = got(i, session)
+				}
 				if err != nil {
 					once.Do(func() { firstErr = err })
 					return
 				}
-				got(i, ws)
 			}
 		}()
 	}
@@ -276,33 +319,57 @@ func (l *latencies) add(d []time.Duration) {
 	l.mu.Unlock()
 }
 
-// fanout runs receivers and senders and prints what happened. It returns
-// how many deliveries were lost.
-func fanout(o options, prefix string, floor time.Duration) (int64, error) {
-	conns := make([]*websocket.Conn, o.receivers+o.senders)
-	if err := accounts(o, prefix, len(conns), func(i int, ws *websocket.Conn) { conns[i] = ws }); err != nil {
-		return 0, err
-	}
+// result is what one fan-out run measured.
+type result struct {
+	p50, p99    time.Duration
+	lost        int64
+	perDelivery time.Duration // server CPU; 0 without -pid
+	toolBusy    float64       // the load tool's CPU over the send window, per core it may use
+}
+
+// fanout runs receivers and senders and prints what happened.
+func fanout(o options, prefix string, floor time.Duration) (result, error) {
+	n := o.receivers + o.senders
+	receivers := make([]net.Conn, o.receivers)
+	readers := make([]*bufio.Reader, o.receivers)
+	senders := make([]*websocket.Conn, o.senders)
 	defer func() {
-		for _, c := range conns {
-			c.Close()
+		for _, c := range receivers {
+			if c != nil {
+				c.Close()
+			}
+		}
+		for _, c := range senders {
+			if c != nil {
+				c.Close()
+			}
 		}
 	}()
-	receivers, senders := conns[:o.receivers], conns[o.receivers:]
+	err := accounts(o, prefix, n, func(i int, session string) (err error) {
+		if i < o.receivers {
+			receivers[i], readers[i], err = dialRaw(o.addr, session)
+		} else {
+			senders[i-o.receivers], err = dial(o.addr, session)
+		}
+		return err
+	})
+	if err != nil {
+		return result{}, err
+	}
 
 	var delivered atomic.Int64
 	var lats latencies
 	var rwg sync.WaitGroup
-	for _, ws := range receivers {
+	for i, c := range receivers {
 		rwg.Add(1)
 		go func() {
 			defer rwg.Done()
-			receive(ws, prefix, &delivered, &lats)
+			receive(c, readers[i], prefix, &delivered, &lats)
 		}()
 	}
 	time.Sleep(500 * time.Millisecond) // let join events and history settle
 
-	before := sampleProc(o.pid)
+	before, toolBefore := sampleProc(o.pid), processCPU()
 	start := time.Now()
 	var sent atomic.Int64
 	var swg sync.WaitGroup
@@ -315,20 +382,19 @@ func fanout(o options, prefix string, floor time.Duration) (int64, error) {
 	}
 	swg.Wait()
 	window := time.Since(start)
-	after := sampleProc(o.pid)
+	after, toolAfter := sampleProc(o.pid), processCPU()
 
 	want := sent.Load() * int64(o.receivers)
 	drainUntil := time.Now().Add(5 * time.Second)
 	for delivered.Load() < want && time.Now().Before(drainUntil) {
 		time.Sleep(20 * time.Millisecond)
 	}
-	for _, ws := range receivers {
-		ws.Close()
+	for _, c := range receivers {
+		c.Close()
 	}
 	rwg.Wait()
 
 	got := delivered.Load()
-	lost := want - got
 	slices.Sort(lats.d)
 	pct := func(p float64) time.Duration {
 		if len(lats.d) == 0 {
@@ -336,6 +402,8 @@ func fanout(o options, prefix string, floor time.Duration) (int64, error) {
 		}
 		return lats.d[min(len(lats.d)-1, int(p*float64(len(lats.d))))]
 	}
+	r := result{p50: pct(0.5), p99: pct(0.99), lost: want - got,
+		toolBusy: float64(toolAfter-toolBefore) / float64(window) / float64(runtime.NumCPU())}
 	rate := "max"
 	if o.rate > 0 {
 		rate = fmt.Sprintf("%g/s", o.rate)
@@ -343,17 +411,28 @@ func fanout(o options, prefix string, floor time.Duration) (int64, error) {
 	fmt.Printf("fan-out: %d receivers, %d senders at %s each, %v\n", o.receivers, o.senders, rate, o.duration)
 	fmt.Printf("  %-32s %10d\n", "messages sent (acked)", sent.Load())
 	fmt.Printf("  %-32s %10d of %d\n", "deliveries", got, want)
-	fmt.Printf("  %-32s %10d\n", "lost", lost)
+	fmt.Printf("  %-32s %10d\n", "lost", r.lost)
 	fmt.Printf("  %-32s %10.0f\n", "deliveries/s", float64(got)/window.Seconds())
 	fmt.Printf("  %-32s %10v %v %v %v\n", "latency p50 p90 p99 max", pct(0.5).Round(10*time.Microsecond),
 		pct(0.9).Round(10*time.Microsecond), pct(0.99).Round(10*time.Microsecond), pct(1).Round(10*time.Microsecond))
 	if o.pid != 0 && got > 0 {
-		perDelivery := (after.cpu - before.cpu) / time.Duration(got)
-		fmt.Printf("  %-32s %10.2f µs = %.2f × floor\n", "server CPU per delivery", perDelivery.Seconds()*1e6,
-			float64(perDelivery)/float64(floor))
+		r.perDelivery = (after.cpu - before.cpu) / time.Duration(got)
+		fmt.Printf("  %-32s %10.2f µs = %.2f × floor\n", "server CPU per delivery", r.perDelivery.Seconds()*1e6,
+			float64(r.perDelivery)/float64(floor))
 		fmt.Printf("  %-32s %10.1f MiB\n", "server RSS", float64(after.rss)/(1<<20))
 	}
-	return lost, nil
+	fmt.Printf("  %-32s %9.0f %% of its %d core(s)\n", "load tool CPU", 100*r.toolBusy, runtime.NumCPU())
+	if r.toolBusy > 0.7 {
+		fmt.Println("  the load tool was more than 70 % busy: these latencies are partly its own")
+	}
+	return r, nil
+}
+
+// processCPU is the CPU time this process has used, all threads.
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // message is what the load tool sends: its send time rides in the text.
@@ -427,25 +506,129 @@ func send(ws *websocket.Conn, tag string, o options, deadline time.Time) int64 {
 	return acked
 }
 
-// receive counts live messages from this run and their latency.
-func receive(ws *websocket.Conn, prefix string, delivered *atomic.Int64, lats *latencies) {
+// receive counts live messages from this run and their latency. It reads
+// raw frames and looks only at the text's start and its send time: no
+// JSON decoding, no allocation per frame.
+func receive(c net.Conn, br *bufio.Reader, prefix string, delivered *atomic.Int64, lats *latencies) {
 	var local []time.Duration
 	defer func() { lats.add(local) }()
+	head := []byte(`{"message":"` + prefix)
+	var payload []byte
 	for {
-		var frame struct {
-			Message string `json:"message"`
-			History bool   `json:"history"`
-		}
-		if err := websocket.JSON.Receive(ws, &frame); err != nil {
+		var hdr [2]byte
+		if _, err := io.ReadFull(br, hdr[:]); err != nil {
 			return
 		}
-		if frame.History || !strings.HasPrefix(frame.Message, prefix) {
+		size := int(hdr[1] & 0x7F)
+		if size >= 126 {
+			ext := make([]byte, map[bool]int{true: 2, false: 8}[size == 126])
+			if _, err := io.ReadFull(br, ext); err != nil {
+				return
+			}
+			size = int(binary.BigEndian.Uint64(append(make([]byte, 8-len(ext)), ext...)))
+		}
+		payload = slices.Grow(payload[:0], size)[:size]
+		if _, err := io.ReadFull(br, payload); err != nil {
+			return
+		}
+		if hdr[0]&0x0F == 0x9 { // a ping: a masked pong (key 0) with its payload
+			c.Write(append([]byte{0x8A, 0x80 | byte(len(payload)), 0, 0, 0, 0}, payload...))
 			continue
 		}
-		if at, ok := sentAt(frame.Message); ok {
+		end := bytes.Index(payload, []byte(`","author"`))
+		if !bytes.HasPrefix(payload, head) || end < 0 || bytes.Contains(payload, []byte(`"history":true`)) {
+			continue
+		}
+		if at, ok := sentAt(string(payload[len(`{"message":"`):end])); ok {
 			local = append(local, time.Since(at))
 		}
 		delivered.Add(1)
+	}
+}
+
+// --- room ---
+
+// room runs fan-out at each of o.sizes users, every tenth sending one
+// message a second at a random phase, each on a fresh server and database
+// started from o.server with o.flags (pinned to o.serverCPU), and prints the knee: the
+// largest size with p99 under 100 ms and nothing lost.
+func room(o options, prefix string, floor time.Duration) error {
+	if o.server == "" {
+		return errors.New("-mode room needs -server, the gochat binary to start")
+	}
+	type row struct {
+		users int
+		r     result
+	}
+	var rows []row
+	for _, field := range strings.Split(o.sizes, ",") {
+		users, err := strconv.Atoi(strings.TrimSpace(field))
+		if err != nil || users < 10 {
+			return fmt.Errorf("bad size %q", field)
+		}
+		stop, addr, pid, err := startServer(o)
+		if err != nil {
+			return err
+		}
+		ro := o
+		ro.addr, ro.pid, ro.senders, ro.rate = addr, pid, users/10, 1
+		ro.receivers = users - ro.senders
+		r, err := fanout(ro, fmt.Sprint(prefix, users), floor)
+		stop()
+		if err != nil {
+			return err
+		}
+		rows = append(rows, row{users, r})
+	}
+	fmt.Printf("room: every tenth user sends 1/s, %v, server on CPU %q\n", o.duration, o.serverCPU)
+	fmt.Printf("  %8s %10s %10s %6s %16s %10s\n", "users", "p50", "p99", "lost", "CPU/delivery", "tool CPU")
+	knee := 0
+	for _, w := range rows {
+		fmt.Printf("  %8d %10v %10v %6d %13.2f µs %9.0f %%\n", w.users, w.r.p50.Round(100*time.Microsecond),
+			w.r.p99.Round(100*time.Microsecond), w.r.lost, w.r.perDelivery.Seconds()*1e6, 100*w.r.toolBusy)
+		if w.r.p99 < 100*time.Millisecond && w.r.lost == 0 {
+			knee = max(knee, w.users)
+		}
+	}
+	fmt.Printf("  knee (largest size with p99 < 100 ms, nothing lost): %d users\n", knee)
+	return nil
+}
+
+// startServer starts o.server on a free loopback port with a fresh
+// database and its limits off, and waits until it answers.
+func startServer(o options) (stop func(), addr string, pid int, err error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, "", 0, err
+	}
+	addr = ln.Addr().String()
+	ln.Close()
+	dir, err := os.MkdirTemp("", "gochat-room")
+	if err != nil {
+		return nil, "", 0, err
+	}
+	args := append([]string{o.server, "-addr", addr, "-db", filepath.Join(dir, "room.db")}, strings.Fields(o.flags)...)
+	if o.serverCPU != "" {
+		args = append([]string{"taskset", "-c", o.serverCPU}, args...)
+	}
+	cmd := exec.Command(args[0], args[1:]...)
+	if err := cmd.Start(); err != nil {
+		return nil, "", 0, err
+	}
+	stop = func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		os.RemoveAll(dir)
+	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		if resp, err := http.Get("http://" + addr + "/healthz"); err == nil {
+			resp.Body.Close()
+			return stop, addr, cmd.Process.Pid, nil
+		}
+		if time.Now().After(deadline) {
+			stop()
+			return nil, "", 0, errors.New("the server did not start")
+		}
 	}
 }
 
@@ -464,7 +647,11 @@ func idle(o options, prefix string) error {
 		}
 		rwg.Wait()
 	}
-	err := accounts(o, prefix, o.idle, func(i int, ws *websocket.Conn) {
+	err := accounts(o, prefix, o.idle, func(i int, session string) error {
+		ws, err := dial(o.addr, session)
+		if err != nil {
+			return err
+		}
 		conns[i] = ws
 		rwg.Add(1)
 		go func() { // answer pings, discard the rest
@@ -473,6 +660,7 @@ func idle(o options, prefix string) error {
 			for websocket.Message.Receive(ws, &b) == nil {
 			}
 		}()
+		return nil
 	})
 	if err != nil {
 		closeAll()
@@ -501,7 +689,10 @@ func idle(o options, prefix string) error {
 func setup(o options, prefix string) error {
 	conns := make([]*websocket.Conn, o.setup)
 	start := time.Now()
-	err := accounts(o, prefix, o.setup, func(i int, ws *websocket.Conn) { conns[i] = ws })
+	err := accounts(o, prefix, o.setup, func(i int, session string) (err error) {
+		conns[i], err = dial(o.addr, session)
+		return err
+	})
 	elapsed := time.Since(start)
 	for _, c := range conns {
 		if c != nil {
