@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"time"
 
 	_ "modernc.org/sqlite"
@@ -314,15 +313,20 @@ func (s *Store) Messages(ctx context.Context, before int64, limit int) ([]Messag
 func (s *Store) Replay(after int64, limit int, tombstones bool) ([]Message, error) {
 	query := liveMessages
 	if tombstones {
-		query = strings.Replace(query, "AND author != ''", "", 1)
+		query = allMessages
 	}
 	return messages(context.Background(), s.db, query, after, math.MaxInt64, limit)
 }
 
 // liveMessages skips tombstones through the index messages_live, which
-// holds only the others: a run of deleted messages is not scanned.
-const liveMessages = `SELECT id, author, body, created_at FROM messages
+// holds only the others: a run of deleted messages is not scanned. Its
+// condition is written out, as SQLite uses a partial index only then.
+const (
+	liveMessages = `SELECT id, author, body, created_at FROM messages
 	WHERE id > ?1 AND id < ?2 AND author != '' ORDER BY id DESC LIMIT ?3`
+	allMessages = `SELECT id, author, body, created_at FROM messages
+	WHERE id > ?1 AND id < ?2 ORDER BY id DESC LIMIT ?3`
+)
 
 func messages(ctx context.Context, db *sql.DB, query string, after, before int64, limit int) ([]Message, error) {
 	rows, err := db.QueryContext(ctx, query, after, before, limit)
