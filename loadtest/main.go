@@ -520,12 +520,18 @@ func receive(c net.Conn, br *bufio.Reader, prefix string, delivered *atomic.Int6
 			return
 		}
 		size := int(hdr[1] & 0x7F)
-		if size >= 126 {
-			ext := make([]byte, map[bool]int{true: 2, false: 8}[size == 126])
-			if _, err := io.ReadFull(br, ext); err != nil {
+		var ext [8]byte
+		switch size {
+		case 126:
+			if _, err := io.ReadFull(br, ext[:2]); err != nil {
 				return
 			}
-			size = int(binary.BigEndian.Uint64(append(make([]byte, 8-len(ext)), ext...)))
+			size = int(binary.BigEndian.Uint16(ext[:2]))
+		case 127:
+			if _, err := io.ReadFull(br, ext[:]); err != nil {
+				return
+			}
+			size = int(binary.BigEndian.Uint64(ext[:]))
 		}
 		payload = slices.Grow(payload[:0], size)[:size]
 		if _, err := io.ReadFull(br, payload); err != nil {
