@@ -116,8 +116,8 @@ func OpenStore(path string, metrics *Metrics) (*Store, error) {
 	// fails at once if another process writes meanwhile. WAL is set only
 	// once migrate has judged the file: a newer gochat's is left as it was.
 	dsn := "file:" + (&url.URL{Path: path}).EscapedPath() + "?_pragma=busy_timeout(5000)&_pragma=synchronous(FULL)"
-	db, _ := sql.Open("sqlite", dsn+"&_txlock=immediate")
-	read, _ := sql.Open("sqlite", dsn+"&_pragma=query_only(1)") // sql.Open only checks the driver's name
+	db, _ := sql.Open("sqlite", dsn+"&_txlock=immediate") // no error: sql.Open only checks the driver's name
+	read, _ := sql.Open("sqlite", dsn+"&_pragma=query_only(1)")
 	// One writer: SQLite takes one at a time anyway, and database/sql's
 	// queue is fairer and quicker than SQLite's busy wait.
 	db.SetMaxOpenConns(1)
