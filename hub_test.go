@@ -614,7 +614,7 @@ func BenchmarkBroadcast(b *testing.B) {
 		b.Run(fmt.Sprintf("%dmsgs-in-flight", perRound), func(b *testing.B) {
 			const clients = 200
 			ctx := context.Background()
-			cfg, err := parseConfig([]string{"-db", filepath.Join(b.TempDir(), "chat.db"), "-history", "0"}, io.Discard)
+			cfg, err := parseConfig([]string{"-db", filepath.Join(b.TempDir(), "chat.db"), "-history", "0", "-msg-rate", "0"}, io.Discard)
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -648,7 +648,10 @@ func BenchmarkBroadcast(b *testing.B) {
 				}
 				b.Cleanup(func() { nc.Close(); peer.Close() })
 				h.send(joined{c, -1})
-				go c.writePump(&socketConn{Conn: nc, silence: time.Hour}, h, time.Hour)
+				go func() { // as runSocket does, so that Shutdown does not wait for it forever
+					defer h.sockets.Done()
+					c.writePump(&socketConn{Conn: nc, silence: time.Hour, stall: time.Hour}, h, time.Hour)
+				}()
 				return c, peer
 			}
 			var round sync.WaitGroup
