@@ -129,7 +129,7 @@ func (c *socketConn) Write(p []byte) (int, error) {
 	written, progressed := 0, time.Now()
 	for now := progressed; ; now = time.Now() {
 		// Moving a deadline moves a runtime timer, which on every write
-		// costs a large room a tenth of its CPU: it moves only once it is
+		// cost a large room 8 % of its CPU: it moves only once it is
 		// within half its reach, so a write waits stall/8 to stall/4.
 		if c.deadline.Sub(now) < c.stall/8 {
 			c.deadline = now.Add(c.stall / 4)
