@@ -119,7 +119,8 @@ func (c *socketConn) probe(timeout time.Duration) {
 
 // Write fails once about stall has passed with no byte of p taken, not
 // when all of p takes longer: a phone on a slow link that reads steadily
-// gets a long replay whole. It looks for progress every quarter of stall.
+// gets a long replay whole. It looks for progress every eighth to quarter
+// of stall.
 func (c *socketConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -130,7 +131,7 @@ func (c *socketConn) Write(p []byte) (int, error) {
 	for now := progressed; ; now = time.Now() {
 		// Moving a deadline moves a runtime timer, which on every write
 		// cost a large room 8 % of its CPU: it moves only once it is
-		// within half its reach, so a write waits stall/8 to stall/4.
+		// within half its reach.
 		if c.deadline.Sub(now) < c.stall/8 {
 			c.deadline = now.Add(c.stall / 4)
 			c.Conn.SetWriteDeadline(c.deadline)
